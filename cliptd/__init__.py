@@ -1,0 +1,1 @@
+"""cliptd: CLIP Targeted Distillation on Ray."""

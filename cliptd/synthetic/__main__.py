@@ -1,0 +1,7 @@
+"""``python -m cliptd.synthetic --out DIR [--seed 0] [--scale 1.0]``."""
+
+import sys
+
+from cliptd.synthetic.world import main
+
+sys.exit(main())

@@ -1,0 +1,474 @@
+"""One fine-tuning run on Ray Train — the same code path a Tune trial takes.
+
+    python -m cliptd.train --task vcr --method cliptd --shots 0.05
+    python -m cliptd.train --task vcr --config runs/best/vcr-synthetic-0.05-cliptd.yaml
+    python -m cliptd.train --task snli_ve --method none --workers 2
+
+With no ``--data`` it runs on the embedded synthetic world (built and cached on first use).
+``train_fn_per_worker`` is the whole loop: data-parallel (gloo on CPU, NCCL on GPU), bf16
+autocast on GPU, gradient accumulation, one self-describing checkpoint per epoch, exact
+resume from the latest one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from cliptd import data as data_mod
+from cliptd.dataset import Collator, ImageStore, Problem, problems_from_table
+from cliptd.errors import DataError
+from cliptd.metrics import accuracy, vcr_metrics, vqa_accuracy
+from cliptd.objective import DistillConfig
+from cliptd.student import StudentConfig, VLStudent, build_word_tokenizer, load_student
+from cliptd.task import CLIPTDTask
+from cliptd.teacher_cache import load_cache
+
+CHECKPOINT_FORMAT = "cliptd-checkpoint-v1"
+PRIMARY_METRIC = {"vcr": "q_a", "snli_ve": "acc", "vqa": "vqa_acc"}
+HEAD = {"vcr": ("multiple_choice", 1), "snli_ve": ("classify", 3), "vqa": ("vqa", None)}
+
+DEFAULT_CONFIG = {
+    "task": "vcr",
+    "data": None,  # prepared dataset folder
+    "eval_split": None,  # default: the task's usual eval split
+    "shots": 1.0,  # fraction of the train split, or "k<N>" for N per class
+    "subset_seed": 0,
+    "preset": "none",  # domain-shift preset (cliptd.data.DOMAIN_PRESETS)
+    "student": "visualbert-tiny",  # pretrained student folder, or a shipped config name
+    "teacher_cache": None,  # teacher-cache folder (None: no distillation possible)
+    "distill": DistillConfig().as_dict(),
+    "lr": 1e-4,
+    "weight_decay": 0.01,
+    "warmup_frac": 0.1,
+    "batch_size": 32,
+    "grad_accum": 1,
+    "epochs": 4,
+    "min_steps": 0,  # low-shot runs: at least this many optimizer steps (epochs grow)
+    "max_length": 64,
+    "vqa_vocab": 100,
+    "eval_batch_size": 128,
+    "seed": 0,
+    "tracking": None,  # {"uri":..., "run_id":...}: rank 0 logs per-epoch metrics to MLflow
+    "fault": None,  # {"exit_at_step": n, "marker": path}: fault injection for tests
+}
+
+
+def resolve_config(overrides: dict) -> dict:
+    """Defaults + overrides, validated; the result is what gets recorded everywhere."""
+    unknown = set(overrides) - set(DEFAULT_CONFIG)
+    if unknown:
+        raise ValueError(f"unknown config keys {sorted(unknown)}; known: {sorted(DEFAULT_CONFIG)}")
+    cfg = copy.deepcopy(DEFAULT_CONFIG)
+    for k, v in overrides.items():
+        if k == "distill" and v is not None:
+            cfg["distill"] = {**cfg["distill"], **v}
+        else:
+            cfg[k] = v
+    if cfg["task"] not in PRIMARY_METRIC:
+        raise ValueError(f"unknown task {cfg['task']!r}; known: {sorted(PRIMARY_METRIC)}")
+    cfg["distill"] = DistillConfig.from_dict(cfg["distill"]).as_dict()
+    parse_shots(cfg["shots"])
+    for key in ("lr", "batch_size", "epochs", "grad_accum"):
+        if not (isinstance(cfg[key], (int, float)) and cfg[key] > 0):
+            raise ValueError(f"{key} must be > 0, got {cfg[key]!r}")
+    return cfg
+
+
+def parse_shots(shots) -> dict:
+    if isinstance(shots, str) and shots.startswith("k") and shots[1:].isdigit():
+        return {"kshot": int(shots[1:])}
+    try:
+        frac = float(shots)
+    except (TypeError, ValueError):
+        raise ValueError(f"shots must be a fraction in (0, 1] or 'k<N>', got {shots!r}") from None
+    if not 0 < frac <= 1:
+        raise ValueError(f"shots must be a fraction in (0, 1] or 'k<N>', got {shots!r}")
+    return {"fraction": frac}
+
+
+# --------------------------------------------------------------------------------------
+# Building a run: data → student → task module. Shared by the loop, bench and tests.
+
+
+@dataclass
+class RunParts:
+    task: CLIPTDTask
+    tokenizer: object
+    train: list[Problem]
+    eval: list[Problem]
+    eval_groups: dict[str, set[str]]  # "id" / "shift" → instance ids
+    collate_train: Collator
+    collate_eval: Collator
+    vocab: list[str] | None
+
+
+def build_run(cfg: dict) -> RunParts:
+    task = cfg["task"]
+    data = Path(cfg["data"])
+    manifest = data_mod.load_manifest(data)
+    if manifest["task"] != task:
+        raise DataError(f"{data} holds {manifest['task']} data, not {task}")
+    preset = data_mod.domain_preset(cfg["preset"])
+    preset.check(manifest)
+    eval_split = cfg["eval_split"] or preset.eval_split or \
+        {"vcr": "val", "snli_ve": "dev", "vqa": "val"}[task]
+    train_table = data_mod.read_split(data, "train")
+    ids = set(data_mod.subset_ids(data, "train", seed=cfg["subset_seed"],
+                                  **parse_shots(cfg["shots"])))
+    keep = np.array([i in ids for i in train_table.column("id").to_pylist()]) & \
+        preset.train_mask(train_table)
+    train_table = train_table.filter(keep)
+    if train_table.num_rows == 0:
+        raise DataError(f"no training rows for shots={cfg['shots']} preset={cfg['preset']}")
+    eval_table = data_mod.read_split(data, eval_split)
+    eval_ids = eval_table.column("id").to_pylist()
+    groups = {"id": {i for i, m in zip(eval_ids, preset.train_mask(eval_table), strict=True) if m}}
+    if cfg["preset"] != "none":
+        groups["shift"] = {i for i, m in zip(eval_ids, preset.eval_mask(eval_table),
+                                             strict=True) if m}
+    vocab = data_mod.answer_vocab(data_mod.read_split(data, "train"), cfg["vqa_vocab"]) \
+        if task == "vqa" else None
+    root = Path(manifest["image_root"])
+    train = problems_from_table(task, train_table, root, vocab)
+    evals = [p for p in problems_from_table(task, eval_table, root, vocab) if p.label >= 0
+             or task == "vqa"]
+    head, outputs = HEAD[task]
+    outputs = len(vocab) if task == "vqa" else outputs
+    student_ref = str(cfg["student"])
+    if (Path(student_ref) / "student_config.json").exists():
+        student, tokenizer = load_student(Path(student_ref), task_head=head, num_outputs=outputs)
+    else:  # from scratch: a word vocabulary over this dataset
+        words = {w for p in train + evals for w in p.query + [w for c in p.candidates
+                                                              for w in c[0]]}
+        tokenizer = build_word_tokenizer(words)
+        student = VLStudent(StudentConfig.from_name(
+            student_ref, vocab_size=len(tokenizer), task_head=head, num_outputs=outputs))
+    distill = DistillConfig.from_dict(cfg["distill"])
+    teacher = None
+    teacher_dim = 1
+    if distill.lam > 0:
+        if not cfg["teacher_cache"]:
+            raise ValueError(f"method {distill.method!r} needs a teacher cache (teacher_cache)")
+        teacher = load_cache(Path(cfg["teacher_cache"]), {p.key for p in train})
+        missing = [p.key for p in train if p.key not in teacher]
+        if missing:
+            raise DataError(f"teacher cache {cfg['teacher_cache']} lacks {len(missing)} "
+                            f"training problems (e.g. {missing[0]}): rebuild it")
+        teacher_dim = next(iter(teacher.values()))["pooled"].shape[-1]
+    images = ImageStore(student.cfg.image_size)
+    num_outputs = outputs if task == "vqa" else 0
+    return RunParts(
+        task=CLIPTDTask(student, distill, teacher_dim), tokenizer=tokenizer, train=train,
+        eval=evals, eval_groups=groups,
+        collate_train=Collator(tokenizer, images, max_length=cfg["max_length"],
+                               num_outputs=num_outputs, teacher=teacher),
+        collate_eval=Collator(tokenizer, images, max_length=cfg["max_length"],
+                              num_outputs=num_outputs),
+        vocab=vocab)
+
+
+def to_device(batch: dict, device) -> dict:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.to(device, non_blocking=True)
+        elif isinstance(v, dict):
+            out[k] = to_device(v, device)
+        else:
+            out[k] = v
+    return out
+
+
+@torch.no_grad()
+def evaluate(task_module: CLIPTDTask, parts: RunParts, cfg: dict, device) -> dict:
+    """Task metrics on the eval split, in-domain and shifted, as the official code computes
+    them (VCR Q→A, QA→R, Q→AR; SNLI-VE accuracy; VQA accuracy over 10 annotators)."""
+    task_module.eval()
+    loader = DataLoader(parts.eval, batch_size=cfg["eval_batch_size"], shuffle=False,
+                        collate_fn=parts.collate_eval)
+    preds: dict[str, int] = {}
+    for batch in loader:
+        scores = task_module.predict(to_device(batch, device)).float()
+        for key, pred in zip(batch["keys"], scores.argmax(-1).tolist(), strict=True):
+            preds[key] = pred
+    task_module.train()
+    by_key = {p.key: p for p in parts.eval}
+    metrics = {}
+    for group, ids in parts.eval_groups.items():
+        probs = [p for p in parts.eval if p.id in ids]
+        if not probs:
+            continue
+        for name, value in _task_metrics(cfg["task"], probs, preds, parts.vocab).items():
+            metrics[f"val/{group}/{name}"] = value
+        primary = PRIMARY_METRIC[cfg["task"]]
+        for qtype in sorted({p.qtype for p in probs}):
+            sub = [p for p in probs if p.qtype == qtype]
+            metrics[f"val/{group}/qtype/{qtype}/{primary}"] = _task_metrics(
+                cfg["task"], sub, preds, parts.vocab)[primary]
+    del by_key
+    return metrics
+
+
+def _task_metrics(task: str, problems: list[Problem], preds: dict, vocab) -> dict:
+    if task == "vcr":
+        qa = {p.id: p for p in problems if p.head == "qa"}
+        qar = {p.id: p for p in problems if p.head == "qar"}
+        ids = sorted(qa)
+        return vcr_metrics([preds[qa[i].key] for i in ids], [qa[i].label for i in ids],
+                           [preds[qar[i].key] for i in ids], [qar[i].label for i in ids])
+    if task == "snli_ve":
+        return {"acc": accuracy([preds[p.key] for p in problems], [p.label for p in problems])}
+    return {"vqa_acc": float(np.mean([vqa_accuracy(vocab[preds[p.key]], p.answers)
+                                      for p in problems]))}
+
+
+# --------------------------------------------------------------------------------------
+# The loop.
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    return {"python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
+            "numpy": np.random.get_state()[1].tolist(), "numpy_pos": int(np.random.get_state()[2]),
+            "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32),
+                         state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+
+
+def load_checkpoint_file(path: Path) -> dict:
+    """Load one of our checkpoints; anything else (foreign, truncated, pickled code) is refused."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not a loadable checkpoint"
+        raise ValueError(f"{path}: not a loadable cliptd checkpoint ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a cliptd checkpoint (format != {CHECKPOINT_FORMAT})")
+    return state
+
+
+def train_fn_per_worker(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = resolve_config(config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    seed_everything(cfg["seed"])  # same init on every rank; DDP broadcasts anyway
+    parts = build_run(cfg)
+    device = ray.train.torch.get_device()
+    model = ray.train.torch.prepare_model(parts.task)
+    module: CLIPTDTask = model.module if hasattr(model, "module") else model
+    per_worker = max(1, cfg["batch_size"] // world)
+    loader = DataLoader(parts.train, batch_size=per_worker, shuffle=True, drop_last=False,
+                        collate_fn=parts.collate_train,
+                        generator=torch.Generator().manual_seed(cfg["seed"]))
+    loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)
+    steps_per_epoch = max(1, len(loader) // cfg["grad_accum"])
+    epochs = max(cfg["epochs"], -(-cfg["min_steps"] // steps_per_epoch))
+    total_steps = epochs * steps_per_epoch
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    warm = max(1, int(cfg["warmup_frac"] * total_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (total_steps - s) / max(1, total_steps - warm))))
+    start_epoch, step = 0, 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            state = load_checkpoint_file(Path(d) / "checkpoint.pt")
+        module.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        module.generator.set_state(state["select_rng"])
+        if getattr(loader, "generator", None) is not None:
+            loader.generator.set_state(state["loader_rng"])
+        start_epoch, step = state["epoch"] + 1, state["step"]
+    tracker = None
+    if rank == 0 and cfg["tracking"]:
+        from cliptd.tracking import RunLogger
+        tracker = RunLogger(cfg["tracking"]["uri"], cfg["tracking"]["run_id"])
+    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    fault = cfg["fault"] or {}
+    model.train()
+    for epoch in range(start_epoch, epochs):
+        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        t0, seen, logs = time.time(), 0, {}
+        for i, batch in enumerate(loader):
+            batch = to_device(batch, device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss, logs = model(batch, progress=step / total_steps)
+            (loss / cfg["grad_accum"]).backward()
+            seen += len(batch["keys"])
+            if (i + 1) % cfg["grad_accum"] == 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                if fault.get("exit_at_step") == step and not Path(fault["marker"]).exists():
+                    Path(fault["marker"]).write_text(f"worker {rank} exited at step {step}\n")
+                    os._exit(1)  # a hard crash: no cleanup, no report
+        train_seconds = time.time() - t0
+        metrics = {"epoch": epoch + 1, "step": step, "train/seconds": train_seconds,
+                   "train/samples_per_s": seen * world / max(train_seconds, 1e-9),
+                   "train/effective_batch": per_worker * world * cfg["grad_accum"],
+                   **{f"train/{k}": v for k, v in logs.items()}}
+        if rank == 0:
+            metrics.update(evaluate(module, parts, cfg, device))
+        metrics["score"] = metrics.get(f"val/id/{PRIMARY_METRIC[cfg['task']]}", float("nan"))
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                torch.save({
+                    "format": CHECKPOINT_FORMAT, "model": module.state_dict(),
+                    "student_config": vars(module.student.cfg),
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "rng": rng_state(), "select_rng": module.generator.get_state(),
+                    "loader_rng": loader.generator.get_state()
+                    if getattr(loader, "generator", None) is not None
+                    else torch.Generator().get_state(),
+                    "config": cfg, "epoch": epoch, "step": step, "metrics": metrics,
+                }, Path(tmp) / "checkpoint.pt")
+                parts.tokenizer.save_pretrained(Path(tmp) / "tokenizer")
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            if tracker:
+                tracker.log_metrics(metrics, step=epoch + 1)
+            ray.train.report(metrics, checkpoint=checkpoint,
+                             checkpoint_dir_name=f"epoch-{epoch + 1:03d}")
+    if tracker:
+        tracker.close()
+
+
+def make_trainer(cfg: dict, *, name: str, storage_path: str, workers: int = 1,
+                 gpus_per_worker: float = 0, cpus_per_worker: float = 1, max_failures: int = 0,
+                 keep_checkpoints: int = 2, callbacks=None, timeout_s: int = 120):
+    """A TorchTrainer for one run; relaunching with the same (storage_path, name) resumes."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = gpus_per_worker > 0
+    resources = {"CPU": cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = gpus_per_worker
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config=cfg,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=timeout_s),
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=keep_checkpoints, checkpoint_score_attribute="score",
+                checkpoint_score_order="max"),
+            callbacks=callbacks or []),
+    )
+
+
+def export_best(result, out_dir: Path) -> Path:
+    """The trained student alone (no teacher, no projection heads), from the best checkpoint."""
+    from cliptd.student import StudentConfig, save_student
+    from transformers import PreTrainedTokenizerFast
+
+    best = result.get_best_checkpoint(metric="score", mode="max") or result.checkpoint
+    with best.as_directory() as d:
+        state = load_checkpoint_file(Path(d) / "checkpoint.pt")
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(Path(d) / "tokenizer")
+    student = VLStudent(StudentConfig(**state["student_config"]))
+    student.load_state_dict({k.removeprefix("student."): v for k, v in state["model"].items()
+                             if k.startswith("student.")})
+    save_student(student, tokenizer, out_dir, extra={"metrics": state["metrics"],
+                                                     "config": state["config"]})
+    return out_dir
+
+
+# --------------------------------------------------------------------------------------
+# CLI
+
+
+def embedded_run_config(task: str, world, teacher_cache: Path | None) -> dict:
+    return {"task": task, "data": str(world.data[task]), "student": str(world.student),
+            "teacher_cache": str(teacher_cache) if teacher_cache else None,
+            "preset": "synthetic"}
+
+
+def main(argv=None) -> int:
+    from cliptd.cli import add_common_args, die, init_ray, setup_embedded
+
+    parser = argparse.ArgumentParser(prog="python -m cliptd.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    parser.add_argument("--method", choices=("none", "naive", "cliptd"))
+    parser.add_argument("--shots", default=None, help="fraction in (0, 1] or k<N>")
+    parser.add_argument("--config", type=Path, help="a YAML config (e.g. a sweep's best)")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--max-failures", type=int, default=2)
+    parser.add_argument("--name", help="run name; the same name resumes")
+    parser.add_argument("--export", type=Path, help="export the best student here")
+    args = parser.parse_args(argv)
+    try:
+        import yaml
+
+        overrides = yaml.safe_load(args.config.read_text()) if args.config else {}
+        if overrides is not None and not isinstance(overrides, dict):
+            raise ValueError(f"{args.config}: expected a mapping of config keys")
+        overrides = dict(overrides or {})
+        overrides.pop("tracking", None)
+        overrides["task"] = args.task
+        if args.method:
+            overrides.setdefault("distill", {})["method"] = args.method
+        for key in ("shots", "epochs", "seed"):
+            if getattr(args, key) is not None:
+                overrides[key] = getattr(args, key)
+        if not overrides.get("data"):
+            world, cache = setup_embedded(args, (args.task,))
+            overrides = {**embedded_run_config(args.task, world, cache[args.task]), **overrides}
+        cfg = resolve_config(overrides)
+    except (ValueError, DataError, FileNotFoundError) as exc:
+        die(str(exc))
+    init_ray(args)
+    name = args.name or f"train-{args.task}-{cfg['distill']['method']}-{cfg['shots']}-s{cfg['seed']}"
+    trainer = make_trainer(cfg, name=name, storage_path=str(args.storage_path.resolve()
+                           if "://" not in str(args.storage_path) else args.storage_path),
+                           workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                           cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures)
+    result = trainer.fit()
+    if result.error:
+        die(f"training failed: {result.error}")
+    metrics = {k: v for k, v in result.metrics.items() if k.startswith("val/") and
+               "/qtype/" not in k}
+    print(json.dumps({"name": name, "epoch": result.metrics.get("epoch"), **metrics}, indent=2))
+    if args.export:
+        print(f"exported student: {export_best(result, args.export)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
