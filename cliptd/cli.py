@@ -49,6 +49,11 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                         help="'small' = a tiny world and budget for first looks and tests")
 
 
+def resolve_storage(path: str) -> str:
+    """Ray wants absolute local paths; URIs (s3://, gs://, ...) pass through unchanged."""
+    return path if "://" in str(path) else str(Path(path).resolve())
+
+
 def world_config(args) -> WorldConfig:
     from cliptd.teacher import TeacherPretrainConfig
 
@@ -93,6 +98,6 @@ def init_ray(args, **kwargs) -> None:
     if args.address:
         ray.init(address=args.address, **kwargs)
     else:
-        # Loopback only: nothing of the local Ray instance listens beyond this machine.
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=True, **kwargs)
+        # Loopback only: nothing of the local Ray instance listens beyond this machine. The
+        # dashboard process also serves the state API that Train V2's controller polls.
+        ray.init(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", **kwargs)

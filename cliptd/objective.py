@@ -101,7 +101,8 @@ def select_tokens(relevance: torch.Tensor, valid: torch.Tensor, ratio: float, se
     else:
         scores = relevance.float()
     scores = scores.masked_fill(~valid, float("-inf"))
-    k = torch.ceil(valid.sum(1).float() * ratio).long()  # N
+    # float64 and a tolerance: in float32, 25 × 0.6 is 15.000001 and would keep 16 tokens
+    k = torch.ceil(valid.sum(1).double() * ratio - 1e-9).long()  # N
     rank = scores.argsort(dim=1, descending=True).argsort(dim=1)  # position of each token
     return (rank < k[:, None]) & valid
 
@@ -164,7 +165,7 @@ class Distiller(nn.Module):
                                   cfg.select_by, generator)
             d_v = distance(self.proj_v(region_states), targets["region_emb"], cfg.distance)
             per_instance = per_instance + _masked_mean(d_v, sel_v)
-            logs["distill/visual"] = float(_masked_mean(d_v, sel_v).mean())
+            logs["distill/visual"] = float(_masked_mean(d_v, sel_v).mean().detach())
             logs["distill/frac_regions"] = float(sel_v.sum() / targets["region_mask"].sum()
                                                  .clamp(min=1))
         if cfg.modalities in ("both", "text"):
@@ -172,7 +173,7 @@ class Distiller(nn.Module):
                                   cfg.select_by, generator)
             d_t = distance(self.proj_t(text_states), targets["token_target"], cfg.distance)
             per_instance = per_instance + _masked_mean(d_t, sel_t)
-            logs["distill/text"] = float(_masked_mean(d_t, sel_t).mean())
+            logs["distill/text"] = float(_masked_mean(d_t, sel_t).mean().detach())
         w = instance_weights(cfg, targets["gold_prob"], targets["correct"]).to(per_instance)
         logs["distill/weight_mean"] = float(w.mean())
         return lam * (w * per_instance).mean(), logs

@@ -86,8 +86,7 @@ def make_batch(items, tokenizer, rng: np.random.Generator, cfg: PretrainConfig,
     their region, so the student learns which region a phrase describes."""
     idx = rng.integers(len(items), size=cfg.batch_size)
     texts, regions, matched = [], [], []
-    for b, i in enumerate(idx):
-        _, boxes, region_caps, caps = items[i]
+    for i in idx:
         match = rng.random() >= cfg.itm_prob
         src = items[i] if match else items[rng.integers(len(items))]
         if rng.random() < 0.5 and src[2]:
@@ -163,7 +162,7 @@ def pretrain_student(corpus: Path, out_dir: Path, tokenizer, cfg: PretrainConfig
         opt.step()
         sched.step()
         if step % 10 == 0 or step == cfg.steps - 1:
-            rec = {"step": step, "mlm": float(mlm), "itm": float(itm)}
+            rec = {"step": step, "mlm": mlm.item(), "itm": itm.item()}
             history.append(rec)
             bar.set_postfix(mlm=f"{rec['mlm']:.2f}", itm=f"{rec['itm']:.2f}")
             if log:

@@ -9,6 +9,7 @@ file and the field.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +67,20 @@ class Space:
         return dict(self.search)
 
 
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)$")
+
+
+def _numbers(value):
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string; users mean a number."""
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    if isinstance(value, str) and _FLOAT.match(value):
+        return float(value)
+    return value
+
+
 def _fail(path, field_name, msg):
     raise SpaceError(f"{path}: {field_name}: {msg}")
 
@@ -79,21 +94,26 @@ def _check_knob(path, name: str, spec) -> None:
                   f"{sorted(set(DistillConfig.__dataclass_fields__) - {'method'})}")
     elif name not in DEFAULT_CONFIG or name in ("task", "data", "distill", "tracking", "fault",
                                                 "teacher_cache", "student"):
-        _fail(path, where, f"unknown knob; searchable: lr, weight_decay, warmup_frac, "
-              f"batch_size, grad_accum, epochs, max_length, distill.*")
+        _fail(path, where, "unknown knob; searchable: lr, weight_decay, warmup_frac, "
+              "batch_size, grad_accum, epochs, max_length, distill.*")
     if not isinstance(spec, dict) or len(spec) != 1:
         _fail(path, where, f"expected one of {{{', '.join(DISTRIBUTIONS)}: ...}}, got {spec!r}")
     (kind, args), = spec.items()
     if kind not in DISTRIBUTIONS:
         _fail(path, where, f"unknown distribution {kind!r}; use one of {DISTRIBUTIONS}")
+    categorical = CHOICES.get(name.split(".", 1)[-1]) if name.startswith("distill.") else None
     if kind == "choice":
         if not isinstance(args, list) or not args:
             _fail(path, where, "choice needs a non-empty list")
-        allowed = CHOICES.get(name.split(".", 1)[-1]) if name.startswith("distill.") else None
         for v in args:
-            if allowed and v not in allowed:
-                _fail(path, where, f"{v!r} is not one of {allowed}")
+            if categorical and v not in categorical:
+                _fail(path, where, f"{v!r} is not one of {categorical}")
+            if not categorical:
+                _check_value_range(path, where, name, v, v)
         return
+    if categorical:
+        _fail(path, where, f"a categorical knob takes {{choice: [...]}} from {categorical}, "
+              f"not {kind}")
     if not (isinstance(args, list) and len(args) == 2 and all(
             isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)):
         _fail(path, where, f"{kind} needs [low, high], got {args!r}")
@@ -102,10 +122,20 @@ def _check_knob(path, name: str, spec) -> None:
         _fail(path, where, f"impossible range: low {low} >= high {high}")
     if kind == "loguniform" and low <= 0:
         _fail(path, where, f"loguniform needs low > 0, got {low}")
+    _check_value_range(path, where, name, low, high)
+
+
+def _check_value_range(path, where: str, name: str, low, high) -> None:
+    """Bounds a knob's values must respect, whatever distribution draws them."""
     if name in ("distill.select_ratio_v", "distill.select_ratio_t") and (low <= 0 or high > 1):
         _fail(path, where, f"a selection ratio lies in (0, 1], got [{low}, {high}]")
-    if name in ("lr", "distill.lam") and low < 0:
-        _fail(path, where, f"must be >= 0, got low {low}")
+    if name in ("lr", "distill.lam", "weight_decay") and low < 0:
+        _fail(path, where, f"must be >= 0, got {low}")
+    if name in ("batch_size", "grad_accum", "epochs", "max_length") and (
+            not isinstance(low, int) or low < 1):
+        _fail(path, where, f"must be an integer >= 1, got {low}")
+    if name in ("warmup_frac", "distill.warmup_frac") and not (0 <= low and high < 1):
+        _fail(path, where, f"must lie in [0, 1), got [{low}, {high}]")
 
 
 def load_space(task_or_path: str | Path) -> Space:
@@ -116,7 +146,7 @@ def load_space(task_or_path: str | Path) -> Space:
         known = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
         raise SpaceError(f"no search space {path} (shipped: {known})")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = _numbers(yaml.safe_load(path.read_text()))
     except yaml.YAMLError as exc:
         raise SpaceError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):

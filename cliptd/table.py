@@ -63,7 +63,8 @@ def to_markdown(rows: list[dict]) -> str:
     methods = [k for k in rows[0] if k not in ("condition", "metric") and not k.endswith(
         ("_mean", "_std", "_n")) and " vs " not in k]
     gains = sorted({k for r in rows for k in r if k.endswith(" vs none")},
-                   key=lambda k: _order([k.split(" vs ")[0]]))
+                   key=lambda k: (METHOD_ORDER.index(m) if (m := k.split(" vs ")[0])
+                                  in METHOD_ORDER else 99, k))
     head = ["condition", "metric", *methods, *gains]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:

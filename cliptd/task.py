@@ -26,6 +26,7 @@ def task_loss(head: str, scores: torch.Tensor, batch: dict) -> torch.Tensor:
 class CLIPTDTask(nn.Module):
     def __init__(self, student: VLStudent, distill: DistillConfig, teacher_dim: int):
         super().__init__()
+        distill = distill.resolved()  # method presets (none: λ=0; naive: all, uniform)
         self.student = student
         self.distill_cfg = distill
         self.distiller = Distiller(student.cfg.hidden_size, teacher_dim, distill)

@@ -30,7 +30,6 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from cliptd.dataset import Problem
-from cliptd.metrics import vqa_normalize
 from cliptd.teacher import Teacher
 
 CACHE_FORMAT = 1

@@ -113,6 +113,10 @@ class RunLogger:
                                                    Path.home() / ".cache/cliptd/mlflow-buffer"))
         folder.mkdir(parents=True, exist_ok=True)
         self.buffer = folder / f"{run_id}.jsonl"
+        # MLflow's HTTP client retries 7 times with backoff (minutes per call): training must
+        # not stall on a dead server, so fail fast and let the buffer do the retrying.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self._client = client(uri)
         self.gap_started: float | None = None
 
@@ -130,12 +134,18 @@ class RunLogger:
         if not self.buffer.exists():
             return True
         records = [json.loads(line) for line in self.buffer.read_text().splitlines() if line]
-        metrics = [Metric(k, v, r["ts"], r["step"]) for r in records
-                   for k, v in r["metrics"].items()]
+        sent = 0
         try:
-            for i in range(0, len(metrics), 500):
-                self._client.log_batch(self.run_id, metrics=metrics[i: i + 500])
-        except Exception as exc:  # noqa: BLE001 - any failure: keep the buffer, retry later
+            for r in records:  # one record (one epoch) per call: never sent twice
+                metrics = [Metric(k, v, r["ts"], r["step"]) for k, v in r["metrics"].items()]
+                for i in range(0, len(metrics), 500):
+                    self._client.log_batch(self.run_id, metrics=metrics[i: i + 500])
+                sent += 1
+        except Exception as exc:  # noqa: BLE001 - any failure: keep the rest, retry later
+            if sent:
+                tmp = self.buffer.with_suffix(".tmp")
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in records[sent:]))
+                os.replace(tmp, self.buffer)
             if self.gap_started is None:
                 self.gap_started = time.time()
                 log.warning("MLflow at %s unreachable (%s); buffering metrics in %s",

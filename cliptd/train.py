@@ -17,9 +17,11 @@ import copy
 import json
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +63,7 @@ DEFAULT_CONFIG = {
     "vqa_vocab": 100,
     "eval_batch_size": 128,
     "seed": 0,
+    "threads": 0,  # torch intra-op threads per worker (0: torch's default)
     "tracking": None,  # {"uri":..., "run_id":...}: rank 0 logs per-epoch metrics to MLflow
     "fault": None,  # {"exit_at_step": n, "marker": path}: fault injection for tests
 }
@@ -263,60 +266,119 @@ def load_checkpoint_file(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure means "not a loadable checkpoint"
+        detail = (str(exc).splitlines() or ["empty or truncated file"])[0][:200]
         raise ValueError(f"{path}: not a loadable cliptd checkpoint ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:200]})") from None
+                         f"{detail})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a cliptd checkpoint (format != {CHECKPOINT_FORMAT})")
     return state
 
 
-def train_fn_per_worker(config: dict) -> None:
-    import ray.train
-    import ray.train.torch
+class RayRuntime:
+    """The loop's view of Ray Train: rank, device, DDP wrapping, checkpoints, reports."""
 
+    def __init__(self):
+        import ray.train
+        import ray.train.torch
+
+        self._train, self._torch = ray.train, ray.train.torch
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def prepare_model(self, model):
+        return self._torch.prepare_model(model)
+
+    def prepare_loader(self, loader):
+        return self._torch.prepare_data_loader(loader, move_to_device=False)
+
+    @contextmanager
+    def latest_checkpoint(self):
+        ckpt = self._train.get_checkpoint()
+        if ckpt is None:
+            yield None
+        else:
+            with ckpt.as_directory() as d:
+                yield Path(d)
+
+    def report(self, metrics: dict, folder: Path | None, epoch: int) -> None:
+        ckpt = self._train.Checkpoint.from_directory(folder) if folder else None
+        self._train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{epoch:03d}")
+
+
+class LocalRuntime:
+    """The same loop in this process, one worker: benchmarks and quick experiments."""
+
+    def __init__(self, device: str = "cpu", resume_from: Path | None = None,
+                 keep_dir: Path | None = None):
+        self.rank, self.world, self.device = 0, 1, torch.device(device)
+        self.resume_from, self.keep_dir = resume_from, keep_dir
+        self.history: list[dict] = []
+
+    def prepare_model(self, model):
+        return model.to(self.device)
+
+    def prepare_loader(self, loader):
+        return loader
+
+    @contextmanager
+    def latest_checkpoint(self):
+        yield self.resume_from
+
+    def report(self, metrics: dict, folder: Path | None, epoch: int) -> None:
+        self.history.append(metrics)
+        if folder and self.keep_dir:
+            shutil.copytree(folder, self.keep_dir / f"epoch-{epoch:03d}", dirs_exist_ok=True)
+
+
+def train_fn_per_worker(config: dict) -> None:
+    """Ray Train's entry point on every worker."""
+    train_loop(config, RayRuntime())
+
+
+def train_loop(config: dict, rt) -> None:
     cfg = resolve_config(config)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
     seed_everything(cfg["seed"])  # same init on every rank; DDP broadcasts anyway
     parts = build_run(cfg)
-    device = ray.train.torch.get_device()
-    model = ray.train.torch.prepare_model(parts.task)
+    model = rt.prepare_model(parts.task)
     module: CLIPTDTask = model.module if hasattr(model, "module") else model
-    per_worker = max(1, cfg["batch_size"] // world)
-    loader = DataLoader(parts.train, batch_size=per_worker, shuffle=True, drop_last=False,
-                        collate_fn=parts.collate_train,
-                        generator=torch.Generator().manual_seed(cfg["seed"]))
-    loader = ray.train.torch.prepare_data_loader(loader, move_to_device=False)
+    per_worker = max(1, cfg["batch_size"] // rt.world)
+    loader = rt.prepare_loader(DataLoader(
+        parts.train, batch_size=per_worker, shuffle=True, collate_fn=parts.collate_train,
+        generator=torch.Generator().manual_seed(cfg["seed"])))
     steps_per_epoch = max(1, len(loader) // cfg["grad_accum"])
     epochs = max(cfg["epochs"], -(-cfg["min_steps"] // steps_per_epoch))
     total_steps = epochs * steps_per_epoch
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     warm = max(1, int(cfg["warmup_frac"] * total_steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warm, max(0.0, (total_steps - s) / max(1, total_steps - warm))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(
+        (s + 1) / warm, max(0.0, (total_steps - s) / max(1, total_steps - warm))))
     start_epoch, step = 0, 0
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            state = load_checkpoint_file(Path(d) / "checkpoint.pt")
-        module.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        module.generator.set_state(state["select_rng"])
-        if getattr(loader, "generator", None) is not None:
-            loader.generator.set_state(state["loader_rng"])
-        start_epoch, step = state["epoch"] + 1, state["step"]
+    with rt.latest_checkpoint() as folder:
+        if folder is not None:  # resume exactly: weights, optimizer, schedule, every RNG
+            state = load_checkpoint_file(folder / "checkpoint.pt")
+            module.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            set_rng_state(state["rng"])
+            module.generator.set_state(state["select_rng"])
+            if getattr(loader, "generator", None) is not None:
+                loader.generator.set_state(state["loader_rng"])
+            start_epoch, step = state["epoch"] + 1, state["step"]
     tracker = None
-    if rank == 0 and cfg["tracking"]:
+    if rt.rank == 0 and cfg["tracking"]:
         from cliptd.tracking import RunLogger
+
         tracker = RunLogger(cfg["tracking"]["uri"], cfg["tracking"]["run_id"])
+    device = rt.device
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     fault = cfg["fault"] or {}
     model.train()
     for epoch in range(start_epoch, epochs):
         if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
+            loader.sampler.set_epoch(epoch)  # DistributedSampler: a new shuffle per epoch
         t0, seen, logs = time.time(), 0, {}
         for i, batch in enumerate(loader):
             batch = to_device(batch, device)
@@ -331,19 +393,20 @@ def train_fn_per_worker(config: dict) -> None:
                 opt.zero_grad(set_to_none=True)
                 step += 1
                 if fault.get("exit_at_step") == step and not Path(fault["marker"]).exists():
-                    Path(fault["marker"]).write_text(f"worker {rank} exited at step {step}\n")
+                    Path(fault["marker"]).write_text(f"worker {rt.rank} exited at step {step}\n")
                     os._exit(1)  # a hard crash: no cleanup, no report
         train_seconds = time.time() - t0
         metrics = {"epoch": epoch + 1, "step": step, "train/seconds": train_seconds,
-                   "train/samples_per_s": seen * world / max(train_seconds, 1e-9),
-                   "train/effective_batch": per_worker * world * cfg["grad_accum"],
+                   "train/samples_per_s": seen * rt.world / max(train_seconds, 1e-9),
+                   "train/effective_batch": per_worker * rt.world * cfg["grad_accum"],
                    **{f"train/{k}": v for k, v in logs.items()}}
-        if rank == 0:
+        if rt.rank == 0:
             metrics.update(evaluate(module, parts, cfg, device))
         metrics["score"] = metrics.get(f"val/id/{PRIMARY_METRIC[cfg['task']]}", float("nan"))
         with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:
+            folder = None
+            if rt.rank == 0:  # a checkpoint that describes itself
+                folder = Path(tmp)
                 torch.save({
                     "format": CHECKPOINT_FORMAT, "model": module.state_dict(),
                     "student_config": vars(module.student.cfg),
@@ -353,13 +416,11 @@ def train_fn_per_worker(config: dict) -> None:
                     if getattr(loader, "generator", None) is not None
                     else torch.Generator().get_state(),
                     "config": cfg, "epoch": epoch, "step": step, "metrics": metrics,
-                }, Path(tmp) / "checkpoint.pt")
-                parts.tokenizer.save_pretrained(Path(tmp) / "tokenizer")
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                }, folder / "checkpoint.pt")
+                parts.tokenizer.save_pretrained(folder / "tokenizer")
             if tracker:
                 tracker.log_metrics(metrics, step=epoch + 1)
-            ray.train.report(metrics, checkpoint=checkpoint,
-                             checkpoint_dir_name=f"epoch-{epoch + 1:03d}")
+            rt.report(metrics, folder, epoch + 1)
     if tracker:
         tracker.close()
 
@@ -393,8 +454,9 @@ def make_trainer(cfg: dict, *, name: str, storage_path: str, workers: int = 1,
 
 def export_best(result, out_dir: Path) -> Path:
     """The trained student alone (no teacher, no projection heads), from the best checkpoint."""
-    from cliptd.student import StudentConfig, save_student
     from transformers import PreTrainedTokenizerFast
+
+    from cliptd.student import StudentConfig, save_student
 
     best = result.get_best_checkpoint(metric="score", mode="max") or result.checkpoint
     with best.as_directory() as d:
@@ -419,7 +481,7 @@ def embedded_run_config(task: str, world, teacher_cache: Path | None) -> dict:
 
 
 def main(argv=None) -> int:
-    from cliptd.cli import add_common_args, die, init_ray, setup_embedded
+    from cliptd.cli import add_common_args, die, init_ray, resolve_storage, setup_embedded
 
     parser = argparse.ArgumentParser(prog="python -m cliptd.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -455,10 +517,10 @@ def main(argv=None) -> int:
         die(str(exc))
     init_ray(args)
     name = args.name or f"train-{args.task}-{cfg['distill']['method']}-{cfg['shots']}-s{cfg['seed']}"
-    trainer = make_trainer(cfg, name=name, storage_path=str(args.storage_path.resolve()
-                           if "://" not in str(args.storage_path) else args.storage_path),
+    trainer = make_trainer(cfg, name=name, storage_path=resolve_storage(args.storage_path),
                            workers=args.workers, gpus_per_worker=args.gpus_per_worker,
-                           cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures)
+                           cpus_per_worker=args.cpus_per_worker or 1,
+                           max_failures=args.max_failures)
     result = trainer.fit()
     if result.error:
         die(f"training failed: {result.error}")

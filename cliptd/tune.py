@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from cliptd.cli import add_common_args, die, init_ray, setup_embedded
+from cliptd.cli import add_common_args, die, init_ray, resolve_storage, setup_embedded
 from cliptd.errors import DataError
 from cliptd.space import Space, SpaceError, apply_sample, describe, load_space, to_tune
 from cliptd.table import comparison_rows, to_csv, to_markdown
@@ -261,8 +261,7 @@ def main(argv=None) -> int:
     name = args.name or f"{args.task}-{args.budget}"
     out = (args.out or Path("runs") / name).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    if "://" not in str(args.storage_path):
-        args.storage_path = str(Path(args.storage_path).resolve())
+    args.storage_path = resolve_storage(args.storage_path)
     try:
         if args.data:
             if not (args.student and (args.teacher_cache or methods == ["none"])):
@@ -297,7 +296,9 @@ def main(argv=None) -> int:
     for shots, preset in space.conditions():
         condition = condition_name(shots, preset)
         cbase = {**base, **space.fixed, "shots": shots, "preset": preset,
-                 "epochs": budget.epochs, "min_steps": budget.min_steps}
+                 "epochs": budget.epochs, "min_steps": budget.min_steps,
+                 # one intra-op thread per CPU the worker holds: no oversubscription
+                 "threads": max(1, int(resources["cpus_per_worker"]))}
         for method in methods:
             mbase = {**cbase, "distill": {**(cbase.get("distill") or {}), "method": method}}
             sample, grid = search(space, budget, mbase, meta, condition, method, args,

@@ -1,0 +1,147 @@
+"""Benchmarks that print figures measured side by side in one run (ratios, not timed tests).
+
+    python -m cliptd.bench step                  # cliptd vs none step cost, cached vs live teacher
+    python -m cliptd.bench science --shots 0.05 --seeds 3     # none / naive / cliptd on VCR
+    python -m cliptd.bench science --shots 0.05,0.25,1.0 --seeds 5 --out bench/results/x.json
+
+Both use the embedded synthetic world (built on first use) and the same training loop as
+Ray Train (``cliptd.train.train_loop``), run in this process so that only the method
+differs between the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from cliptd.cli import add_common_args, setup_embedded
+from cliptd.table import comparison_rows, to_markdown
+from cliptd.train import LocalRuntime, build_run, resolve_config, train_loop
+
+
+def _time_steps(parts, batch, steps: int) -> float:
+    opt = torch.optim.AdamW(parts.task.parameters(), lr=1e-4)
+    parts.task.train()
+    times = []
+    for i in range(steps + 2):
+        t = time.perf_counter()
+        loss, _ = parts.task(batch, progress=0.5)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i >= 2:  # the first steps warm up allocators and kernels
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_step(base: dict, teacher_spec, steps: int, batch_size: int) -> dict:
+    """Median step time of cliptd (cached teacher) vs none on the same student and batch,
+    and of cliptd with the teacher computing its targets live beside the student."""
+    from cliptd.teacher import Teacher
+    from cliptd.teacher_cache import compute_targets, targets_as_cache_rows
+
+    out = {}
+    parts = {}
+    for method in ("none", "cliptd"):
+        torch.manual_seed(0)
+        cfg = resolve_config({**base, "distill": {"method": method}, "batch_size": batch_size})
+        parts[method] = build_run(cfg)
+    problems = parts["cliptd"].train[:batch_size]
+    batch = parts["cliptd"].collate_train(problems)
+    out["none_s"] = _time_steps(parts["none"], batch, steps)
+    out["cliptd_cached_s"] = _time_steps(parts["cliptd"], batch, steps)
+    teacher = Teacher.load(teacher_spec)
+    collate = parts["cliptd"].collate_train
+    live_times = []
+    opt = torch.optim.AdamW(parts["cliptd"].task.parameters(), lr=1e-4)
+    for _ in range(max(3, steps // 2)):
+        t = time.perf_counter()
+        collate.teacher = targets_as_cache_rows(compute_targets(teacher, base["task"], problems))
+        live_batch = collate(problems)
+        loss, _ = parts["cliptd"].task(live_batch, progress=0.5)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        live_times.append(time.perf_counter() - t)
+    out["cliptd_live_teacher_s"] = statistics.median(live_times)
+    out["ratio_cached_vs_none"] = out["cliptd_cached_s"] / out["none_s"]
+    out["ratio_live_vs_none"] = out["cliptd_live_teacher_s"] / out["none_s"]
+    out["batch_size"] = batch_size
+    return out
+
+
+def bench_science(base: dict, shots: list, seeds: int, methods: list[str], epochs: int,
+                  extra: dict) -> list[dict]:
+    records = []
+    for s in shots:
+        for method in methods:
+            for seed in range(seeds):
+                cfg = resolve_config({**base, **extra, "shots": s, "seed": seed,
+                                      "subset_seed": seed, "epochs": epochs,
+                                      "distill": {**extra.get("distill", {}), "method": method}})
+                rt = LocalRuntime()
+                t = time.time()
+                train_loop(cfg, rt)
+                final = rt.history[-1]
+                records.append({"condition": f"shots={s}", "method": method, "seed": seed,
+                                "metrics": final, "seconds": time.time() - t})
+                print(f"shots={s} {method:<7} seed={seed}  in-domain q_a="
+                      f"{final.get('val/id/q_a', final.get('score')):.3f}  shifted q_a="
+                      f"{final.get('val/shift/q_a', float('nan')):.3f}  "
+                      f"({time.time() - t:.0f} s)", flush=True)
+    return records
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cliptd.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=("step", "science"))
+    add_common_args(parser)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--shots", default="0.05")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--methods", default="none,naive,cliptd")
+    parser.add_argument("--config", type=Path, help="YAML of extra run-config values "
+                        "(e.g. a sweep's best distill knobs)")
+    parser.add_argument("--out", type=Path, help="write the figures here as JSON")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    world, caches = setup_embedded(args, (args.task,))
+    base = {"task": args.task, "data": str(world.data[args.task]),
+            "student": str(world.student), "teacher_cache": str(caches[args.task]),
+            "preset": "synthetic"}
+    if args.what == "step":
+        res = bench_step(base, world.teacher, args.steps, args.batch_size)
+        print(json.dumps(res, indent=2))
+        print(f"\ncliptd step / none step (teacher cached): {res['ratio_cached_vs_none']:.3f}x")
+        print(f"cliptd step / none step (teacher live):   {res['ratio_live_vs_none']:.3f}x")
+    else:
+        import yaml
+
+        extra = yaml.safe_load(args.config.read_text()) if args.config else {}
+        shots = [s if s.startswith("k") else float(s) for s in args.shots.split(",")]
+        records = bench_science(base, shots, args.seeds, args.methods.split(","), args.epochs,
+                                extra)
+        metrics = {"in-domain q_a": "val/id/q_a", "shifted q_a": "val/shift/q_a"}
+        qtypes = sorted({k.split("/")[3] for r in records for k in r["metrics"]
+                         if k.startswith("val/id/qtype/")})
+        for q in qtypes:
+            metrics[f"in-domain q_a [{q}]"] = f"val/id/qtype/{q}/q_a"
+        rows = comparison_rows(records, metrics)
+        print(to_markdown(rows))
+        res = {"records": records, "rows": rows}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

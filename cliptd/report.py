@@ -1,0 +1,402 @@
+"""Results people can look at: the comparison table and plots of a sweep, from MLflow.
+
+    python -m cliptd.report --task vcr                      # the latest vcr sweep
+    python -m cliptd.report --task vcr --sweep vcr-default --out runs/report-vcr
+    python -m cliptd.report --task vcr --tracking-uri http://127.0.0.1:5000
+
+Reads the sweep's runs (experiment ``cliptd-<task>``, parent run tagged ``cliptd.sweep_id``)
+from any MLflow tracking URI. The ``phase=seeds`` runs give the comparison (final value =
+the last logged one, per seed): data conditions × methods, mean ± std over seeds and the
+relative gain over ``none``, as Markdown and CSV, plus two plots (accuracy against the shot
+level, gain over ``none`` on the shifted domain). The ``phase=search`` runs give the search's
+view (metric against ``distill.select_ratio_v`` and ``distill.weighting``). Every file is
+also logged as an artifact of the sweep's parent run, under ``report/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from cliptd.table import METHOD_ORDER, comparison_rows, to_csv, to_markdown
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+# Kept here (not imported from cliptd.train / cliptd.cli) so the report needs neither torch
+# nor Ray: it only talks to MLflow and draws.
+TASKS = ("vcr", "snli_ve", "vqa")
+PRIMARY_METRIC = {"vcr": "q_a", "snli_ve": "acc", "vqa": "vqa_acc"}
+TASK_METRICS = {"vcr": (("Q→A", "q_a"), ("QA→R", "qa_r"), ("Q→AR", "q_ar")),
+                "snli_ve": (("acc", "acc"),),
+                "vqa": (("VQA acc", "vqa_acc"),)}
+GROUPS = (("in-domain", "id"), ("shifted", "shift"))
+FILES = {"md": "comparison.md", "csv": "comparison.csv", "shots": "accuracy_vs_shots.png",
+         "gain": "gain_shifted.png", "search": "search.png"}
+
+
+class ReportError(Exception):
+    """A problem the user must fix (missing experiment, no runs, ...): exit status 2."""
+
+
+def metric_rows(task: str) -> dict[str, str]:
+    """Row label → metric key, in table order: in-domain metrics, then shifted ones."""
+    return {f"{g} {label}": f"val/{key}/{m}" for g, key in GROUPS
+            for label, m in TASK_METRICS[task]}
+
+
+# --------------------------------------------------------------------------------------
+# Reading MLflow
+
+
+def _all_runs(c, experiment_id: str, filter_string: str) -> list:
+    runs, token = [], None
+    while True:
+        page = c.search_runs([experiment_id], filter_string=filter_string, max_results=1000,
+                             page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def find_parent(c, experiment_id: str, sweep: str | None):
+    parents = _all_runs(c, experiment_id, "tags.`cliptd.kind` = 'sweep'")
+    if sweep:
+        hits = [r for r in parents if r.data.tags.get("cliptd.sweep_id") == sweep]
+        if not hits:
+            known = sorted({r.data.tags.get("cliptd.sweep_id", "?") for r in parents})
+            raise ReportError(f"no sweep {sweep!r} in this experiment; sweeps: "
+                              f"{', '.join(known) or '(none)'}")
+        return hits[0]
+    if not parents:
+        raise ReportError("no sweep (parent run tagged cliptd.kind=sweep) in this experiment; "
+                          "run python -m cliptd.tune first")
+    return max(parents, key=lambda r: r.info.start_time or 0)
+
+
+def shots_key(shots: str):
+    """Order shot levels: fractions ascending (1.0 = full data last), then k-shot levels."""
+    try:
+        return (0, float(shots), "")
+    except (TypeError, ValueError):
+        s = str(shots)
+        return (1, float(s[1:]) if s[1:].isdigit() else math.inf, s)
+
+
+def shots_label(shots: str) -> str:
+    try:
+        frac = float(shots)
+    except (TypeError, ValueError):
+        return str(shots)
+    return "full" if frac >= 1 else f"{100 * frac:g}%"
+
+
+def run_record(run) -> dict:
+    t = run.data.tags
+    preset, shots = t.get("preset", ""), t.get("shots", "")
+    return {"run_id": run.info.run_id, "status": run.info.status,
+            "condition": t.get("condition") or f"{preset}-shots{shots}",
+            "preset": preset, "shots": shots, "method": t.get("method", "?"),
+            "seed": t.get("seed", ""), "phase": t.get("phase", ""),
+            # run.data.metrics holds each metric's latest value (highest step = last epoch)
+            "metrics": dict(run.data.metrics), "params": dict(run.data.params)}
+
+
+def load_runs(uri: str, task: str, experiment: str | None, sweep: str | None) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_uri=uri)
+    name = experiment or f"cliptd-{task}"
+    try:
+        exp = c.get_experiment_by_name(name)
+    except Exception as exc:  # noqa: BLE001 - an unreachable / unreadable store
+        raise ReportError(f"MLflow tracking at {uri} is not usable: {exc}") from None
+    if exp is None:
+        known = [e.name for e in c.search_experiments()]
+        raise ReportError(f"no MLflow experiment {name!r} at {uri}; experiments: "
+                          f"{', '.join(known) or '(none)'}")
+    parent = find_parent(c, exp.experiment_id, sweep)
+    pid = parent.info.run_id
+    children = [run_record(r) for r in _all_runs(
+        c, exp.experiment_id, f"tags.`mlflow.parentRunId` = '{pid}'")]
+    children.sort(key=lambda r: (r["preset"], shots_key(r["shots"]), r["method"], r["seed"]))
+    seeds = [r for r in children if r["phase"] == "seeds"]
+    done = [r for r in seeds if r["status"] == "FINISHED"]
+    if not done:
+        raise ReportError(f"sweep {parent.data.tags.get('cliptd.sweep_id', pid)!r} (run {pid}) "
+                          f"has no finished phase=seeds runs ({len(seeds)} seeds run(s), "
+                          f"{len(children)} child run(s) in all)")
+    return {"client": c, "experiment": exp, "parent": parent, "seeds": done,
+            "skipped": [r for r in seeds if r["status"] != "FINISHED"],
+            "search": [r for r in children if r["phase"] == "search"]}
+
+
+# --------------------------------------------------------------------------------------
+# Writing
+
+
+def atomic_write(path: Path, data: str | bytes) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    if isinstance(data, str):
+        tmp.write_text(data)
+    else:
+        tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
+
+
+def save_fig(fig, path: Path) -> Path:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return atomic_write(path, buf.getvalue())
+
+
+def _methods(records) -> list[str]:
+    ms = {r["method"] for r in records}
+    return sorted(ms, key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else 99, m))
+
+
+def _colors(methods) -> dict:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10"]
+    return {m: cmap(METHOD_ORDER.index(m) if m in METHOD_ORDER else 4 + i)
+            for i, m in enumerate(methods)}
+
+
+def _cells(records, key) -> dict:
+    """(preset, shots, method) → values of metric ``key`` over seeds."""
+    out = defaultdict(list)
+    for r in records:
+        v = r["metrics"].get(key)
+        if v is not None and not math.isnan(v):
+            out[(r["preset"], r["shots"], r["method"])].append(100 * float(v))
+    return out
+
+
+def _mean_std(vals):
+    import numpy as np
+
+    return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+
+
+def plot_accuracy_vs_shots(records, task: str, path: Path) -> Path:
+    """Rows: the task's metrics; columns: in-domain, shifted; a line per method (and preset)
+    with error bars = std over seeds."""
+    import matplotlib.pyplot as plt
+
+    methods, presets = _methods(records), sorted({r["preset"] for r in records})
+    levels = sorted({r["shots"] for r in records}, key=shots_key)
+    colors, styles = _colors(methods), ("-", "--", ":", "-.")
+    metrics = TASK_METRICS[task]
+    fig, axes = plt.subplots(len(metrics), 2, figsize=(10, 3.2 * len(metrics)), squeeze=False,
+                             layout="constrained")
+    for i, (label, m) in enumerate(metrics):
+        for j, (group, g) in enumerate(GROUPS):
+            ax, cells = axes[i][j], _cells(records, f"val/{g}/{m}")
+            for p_i, preset in enumerate(presets):
+                for k, method in enumerate(methods):
+                    xs, ys, es = [], [], []
+                    for x, level in enumerate(levels):
+                        vals = cells.get((preset, level, method))
+                        if vals:
+                            mean, std = _mean_std(vals)
+                            xs.append(x + (k - (len(methods) - 1) / 2) * 0.04)
+                            ys.append(mean)
+                            es.append(std)
+                    if xs:
+                        name = method if len(presets) == 1 else f"{method} ({preset})"
+                        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=name,
+                                    color=colors[method], linestyle=styles[p_i % len(styles)])
+            if not cells:
+                ax.text(0.5, 0.5, "not logged", ha="center", va="center",
+                        transform=ax.transAxes, color="grey")
+            ax.set_xticks(range(len(levels)), [shots_label(s) for s in levels])
+            ax.set_title(f"{group} {label}")
+            ax.set_xlabel("training data (shots)")
+            ax.set_ylabel(f"{label} (%)")
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+    fig.suptitle(f"{task}: accuracy vs training data (mean ± std over seeds)")
+    return save_fig(fig, path)
+
+
+def plot_gain_shifted(records, task: str, path: Path) -> Path:
+    """Bars: relative gain (%) of each method over ``none`` on the shifted domain's primary
+    metric, per data condition; error bars = the method's std over seeds / none's mean."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    primary = PRIMARY_METRIC[task]
+    group = "shifted"
+    cells = _cells(records, f"val/shift/{primary}")
+    if not cells:  # no domain shift in this sweep: show the in-domain gain, and say so
+        group, cells = "in-domain (no shifted metric logged)", _cells(records, f"val/id/{primary}")
+    methods = [m for m in _methods(records) if m != "none"]
+    colors = _colors(_methods(records))
+    conds = sorted({(r["preset"], r["shots"]) for r in records},
+                   key=lambda c: (c[0], shots_key(c[1])))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(conds) * max(1, len(methods)) / 2), 4))
+    width = 0.8 / max(1, len(methods))
+    for k, method in enumerate(methods):
+        xs, ys, es = [], [], []
+        for x, (preset, shots) in enumerate(conds):
+            base, vals = cells.get((preset, shots, "none")), cells.get((preset, shots, method))
+            if base and vals and np.mean(base) > 0:
+                b = float(np.mean(base))
+                mean, std = _mean_std(vals)
+                xs.append(x + (k - (len(methods) - 1) / 2) * width)
+                ys.append(100 * (mean - b) / b)
+                es.append(100 * std / b)
+        if xs:
+            ax.bar(xs, ys, width, yerr=es, capsize=3, label=method, color=colors[method])
+            for x, y in zip(xs, ys, strict=True):
+                ax.annotate(f"{y:+.1f}%", (x, y), ha="center", fontsize=7,
+                            va="bottom" if y >= 0 else "top")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(conds)), [f"{p}\n{shots_label(s)}" for p, s in conds])
+    ax.set_ylabel(f"relative gain over none, {primary} (%)")
+    ax.set_title(f"{task}: gain over none, {group}")
+    ax.grid(axis="y", alpha=0.3)
+    if methods and ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    return save_fig(fig, path)
+
+
+def _as_float(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def plot_search(records, task: str, path: Path) -> Path:
+    """The search's view: last logged in-domain primary metric of every search trial against
+    ``distill.select_ratio_v`` (scatter) and ``distill.weighting`` (box + strip)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    key = f"val/id/{PRIMARY_METRIC[task]}"
+    pts = [r for r in records if key in r["metrics"] and not math.isnan(r["metrics"][key])]
+    methods = _methods(pts)
+    colors = _colors(methods)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+    for m in methods:
+        sel = [(x, 100 * r["metrics"][key]) for r in pts if r["method"] == m
+               and (x := _as_float(r["params"].get("distill.select_ratio_v"))) is not None]
+        if sel:
+            a1.scatter(*zip(*sel, strict=True), label=m, color=colors[m], alpha=0.8,
+                       edgecolors="black", linewidths=0.4)
+    a1.set_xlabel("distill.select_ratio_v")
+    a1.set_ylabel(f"{key} (%), last epoch")
+    a1.set_title("search: visual token selection ratio")
+    cats = sorted({r["params"].get("distill.weighting", "?") for r in pts})
+    rng = np.random.default_rng(0)
+    data = [[100 * r["metrics"][key] for r in pts if r["params"].get("distill.weighting", "?")
+             == c] for c in cats]
+    if cats:
+        a2.boxplot(data, positions=range(len(cats)), widths=0.5, showfliers=False)
+        for m in methods:
+            for i, c in enumerate(cats):
+                ys = [100 * r["metrics"][key] for r in pts if r["method"] == m
+                      and r["params"].get("distill.weighting", "?") == c]
+                a2.scatter(i + rng.uniform(-0.15, 0.15, len(ys)), ys, color=colors[m],
+                           alpha=0.8, s=18, label=m, edgecolors="black", linewidths=0.4)
+        a2.set_xticks(range(len(cats)), cats)
+    a2.set_xlabel("distill.weighting")
+    a2.set_title("search: dynamic weighting")
+    for ax in (a1, a2):
+        ax.grid(alpha=0.3)
+        handles, labels = ax.get_legend_handles_labels()
+        if handles:
+            uniq = dict(zip(labels, handles, strict=True))
+            ax.legend(uniq.values(), uniq.keys(), fontsize=8)
+        if not pts:
+            ax.text(0.5, 0.5, "no search runs", ha="center", va="center",
+                    transform=ax.transAxes, color="grey")
+    fig.suptitle(f"{task}: {len(pts)} search trial(s)")
+    return save_fig(fig, path)
+
+
+def build(uri: str, task: str, experiment: str | None, sweep: str | None, out: Path,
+          log_artifacts: bool = True) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    got = load_runs(uri, task, experiment, sweep)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = comparison_rows(got["seeds"], metric_rows(task))
+    md = to_markdown(rows)
+    paths = {"md": atomic_write(out / FILES["md"], md),
+             "csv": atomic_write(out / FILES["csv"], to_csv(rows)),
+             "shots": plot_accuracy_vs_shots(got["seeds"], task, out / FILES["shots"]),
+             "gain": plot_gain_shifted(got["seeds"], task, out / FILES["gain"]),
+             "search": plot_search(got["search"], task, out / FILES["search"])}
+    parent_id = got["parent"].info.run_id
+    if log_artifacts:
+        for p in paths.values():
+            got["client"].log_artifact(parent_id, str(p), artifact_path="report")
+    return {**got, "rows": rows, "markdown": md, "paths": paths, "parent_id": parent_id}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cliptd.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="vcr", choices=TASKS)
+    parser.add_argument("--experiment", help="MLflow experiment (default cliptd-<task>)")
+    parser.add_argument("--sweep", help="sweep name = the parent run's cliptd.sweep_id tag "
+                        "(default: the latest sweep of the experiment)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default "
+                        "sqlite:///<cwd>/mlflow.db)")
+    parser.add_argument("--out", type=Path, help="output folder (default runs/report-<task>)")
+    parser.add_argument("--no-log", action="store_true",
+                        help="do not log the files as artifacts of the sweep's parent run")
+    args = parser.parse_args(argv)
+    from cliptd import tracking
+
+    uri = args.tracking_uri or tracking.default_tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        # MLflow would silently create an empty store: say what is missing instead
+        print(f"cliptd: error: no MLflow store at {uri[len('sqlite:///'):]} (pass "
+              "--tracking-uri)", file=sys.stderr)
+        return 2
+    try:
+        tracking.check_reachable(uri)  # fail fast instead of MLflow's minutes of retries
+    except Exception as exc:  # noqa: BLE001 - any failure to reach the store: say so, exit 2
+        print(f"cliptd: error: MLflow tracking at {uri} is not usable: {exc}", file=sys.stderr)
+        return 2
+    out = (args.out or Path("runs") / f"report-{args.task}").resolve()
+    try:
+        res = build(uri, args.task, args.experiment, args.sweep, out,
+                    log_artifacts=not args.no_log)
+    except ReportError as exc:
+        print(f"cliptd: error: {exc}", file=sys.stderr)
+        return 2
+    parent = res["parent"]
+    print(f"== {res['experiment'].name} / sweep {parent.data.tags.get('cliptd.sweep_id')} "
+          f"(parent run {res['parent_id']}): {len(res['seeds'])} seeds run(s), "
+          f"{len(res['search'])} search run(s) ==")
+    if res["skipped"]:
+        print(f"(left out {len(res['skipped'])} phase=seeds run(s) not FINISHED: "
+              f"{', '.join(sorted({r['status'] for r in res['skipped']}))})")
+    print("\n== Comparison (mean ± std over seeds, %) ==")
+    print(res["markdown"])
+    for p in res["paths"].values():
+        print(f"wrote {p}")
+    if not args.no_log:
+        print(f"logged to MLflow run {res['parent_id']} under artifacts report/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
