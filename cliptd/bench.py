@@ -3,6 +3,7 @@
     python -m cliptd.bench step                  # cliptd vs none step cost, cached vs live teacher
     python -m cliptd.bench science --shots 0.05 --seeds 3     # none / naive / cliptd on VCR
     python -m cliptd.bench science --shots 0.05,0.25,1.0 --seeds 5 --out bench/results/x.json
+    python -m cliptd.bench ray                   # Ray Train + Tune overhead, 1 vs 2 workers
 
 Both use the embedded synthetic world (built on first use) and the same training loop as
 Ray Train (``cliptd.train.train_loop``), run in this process so that only the method
@@ -17,6 +18,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cliptd.cli import add_common_args, setup_embedded
@@ -97,16 +99,71 @@ def bench_science(base: dict, shots: list, seeds: int, methods: list[str], epoch
     return records
 
 
+def bench_ray(base: dict, args) -> dict:
+    """Ray's overhead: 2 concurrent Tune trials (each a TorchTrainer run) on this machine —
+    the share of each trial's wall time spent in training epochs, and launch → first result;
+    then the same run with 1 and with 2 Ray Train workers (throughput ratio)."""
+    import resource
+
+    import ray
+    from ray import tune
+
+    from cliptd.cli import init_ray
+    from cliptd.train import make_trainer
+    from cliptd.tune import META, train_driver_fn
+
+    init_ray(args)
+    storage = str((Path(args.storage_path) / "bench").resolve())
+    cfg = {**base, "epochs": args.epochs, "distill": {"method": "cliptd"}, "shots": 0.25,
+           "threads": 1}
+    meta = {"sweep_id": "bench", "tracking_uri": None, "storage_path": storage, "workers": 1,
+            "gpus_per_worker": 0, "cpus_per_worker": 0.8, "max_failures": 0, "base": cfg,
+            "condition": "bench", "phase": "bench", "searcher_seed": 0, "versions": {}}
+    launch = time.time()
+    grid = tune.Tuner(
+        tune.with_resources(train_driver_fn, {"CPU": 0.2}),
+        param_space={"seed": tune.grid_search([0, 1]), META: meta},
+        tune_config=tune.TuneConfig(max_concurrent_trials=2),
+        run_config=tune.RunConfig(name=f"ray-overhead-{int(launch)}", storage_path=storage,
+                                  verbose=0)).fit()
+    wall = time.time() - launch
+    shares, first = [], []
+    for r in grid:
+        df = r.metrics_dataframe
+        train_s = float(df["train/seconds"].sum())
+        trial_wall = float(df["timestamp"].max() - launch)
+        shares.append(train_s / trial_wall)
+        first.append(float(df["timestamp"].min() - launch))
+    out = {"concurrent_trials": 2, "sweep_wall_s": wall,
+           "train_share_per_trial": shares, "train_share_mean": float(np.mean(shares)),
+           "launch_to_first_result_s": min(first)}
+    speeds = {}
+    for workers in (1, 2):
+        res = make_trainer({**cfg, "epochs": 1}, name=f"scale-{workers}-{int(time.time())}",
+                           storage_path=storage, workers=workers,
+                           cpus_per_worker=2 / workers).fit()
+        speeds[workers] = res.metrics["train/samples_per_s"]
+    out["samples_per_s"] = speeds
+    out["throughput_2_vs_1_workers"] = speeds[2] / speeds[1]
+    out["driver_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["children_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    ray.shutdown()
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cliptd.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("step", "science"))
+    parser.add_argument("what", choices=("step", "science", "ray"))
     add_common_args(parser)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--shots", default="0.05")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--min-steps", type=int, default=150,
+                        help="low-shot runs train at least this many steps")
+    parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--methods", default="none,naive,cliptd")
     parser.add_argument("--config", type=Path, help="YAML of extra run-config values "
                         "(e.g. a sweep's best distill knobs)")
@@ -117,7 +174,14 @@ def main(argv=None) -> int:
     base = {"task": args.task, "data": str(world.data[args.task]),
             "student": str(world.student), "teacher_cache": str(caches[args.task]),
             "preset": "synthetic"}
-    if args.what == "step":
+    if args.what == "ray":
+        res = bench_ray(base, args)
+        print(json.dumps(res, indent=2))
+        print(f"\ntraining share of trial wall time (2 concurrent trials): "
+              f"{res['train_share_mean']:.0%}; launch → first result "
+              f"{res['launch_to_first_result_s']:.1f} s; 2 vs 1 workers throughput "
+              f"{res['throughput_2_vs_1_workers']:.2f}x")
+    elif args.what == "step":
         res = bench_step(base, world.teacher, args.steps, args.batch_size)
         print(json.dumps(res, indent=2))
         print(f"\ncliptd step / none step (teacher cached): {res['ratio_cached_vs_none']:.3f}x")
@@ -127,6 +191,7 @@ def main(argv=None) -> int:
 
         extra = yaml.safe_load(args.config.read_text()) if args.config else {}
         shots = [s if s.startswith("k") else float(s) for s in args.shots.split(",")]
+        extra = {"min_steps": args.min_steps, "lr": args.lr, **(extra or {})}
         records = bench_science(base, shots, args.seeds, args.methods.split(","), args.epochs,
                                 extra)
         metrics = {"in-domain q_a": "val/id/q_a", "shifted q_a": "val/shift/q_a"}

@@ -98,6 +98,7 @@ def init_ray(args, **kwargs) -> None:
     if args.address:
         ray.init(address=args.address, **kwargs)
     else:
-        # Loopback only: nothing of the local Ray instance listens beyond this machine. The
+        # Loopback only: nothing of the local Ray instance listens beyond this machine (Ray
+        # rewrites 127.0.0.1 to the routable address, other loopback addresses it keeps). The
         # dashboard process also serves the state API that Train V2's controller polls.
-        ray.init(_node_ip_address="127.0.0.1", dashboard_host="127.0.0.1", **kwargs)
+        ray.init(_node_ip_address="127.0.0.2", dashboard_host="127.0.0.1", **kwargs)

@@ -36,9 +36,9 @@ from cliptd.student import StudentConfig, VLStudent, save_student
 @dataclass
 class PretrainConfig:
     student: str = "visualbert-tiny"
-    steps: int = 500
+    steps: int = 400
     batch_size: int = 64
-    lr: float = 5e-4
+    lr: float = 1e-3
     weight_decay: float = 0.01
     warmup: int = 40
     mask_prob: float = 0.25
@@ -80,25 +80,54 @@ def corpus_words(path: Path) -> set[str]:
     return words
 
 
+def _swap_attribute(words: list[str], rng: np.random.Generator,
+                    groups: tuple[tuple[str, ...], ...]) -> list[str] | None:
+    """A hard negative: the same caption with one attribute word (colour, shape, size)
+    replaced by another of its kind, or None when the caption has no attribute word."""
+    spots = [(i, g) for i, w in enumerate(words) for g in groups if w in g]
+    if not spots:
+        return None
+    i, group = spots[rng.integers(len(spots))]
+    out = list(words)
+    out[i] = rng.choice([w for w in group if w != words[i]])
+    return out
+
+
 def make_batch(items, tokenizer, rng: np.random.Generator, cfg: PretrainConfig,
-               max_length: int = 40) -> dict:
-    """Sample (image, caption) pairs. Region captions are grounded: their words point at
-    their region, so the student learns which region a phrase describes."""
+               max_length: int = 40, attribute_groups=()) -> dict:
+    """Sample (image, caption) pairs for MLM + ITM.
+
+    Region captions are grounded: their words point at a region, so the student learns
+    which region a phrase describes. Negatives are grounded the same way (a caption of
+    another object, or this caption with one attribute swapped, pointed at this region), so
+    image-text matching has to compare content, not notice whether a link is present.
+    """
     idx = rng.integers(len(items), size=cfg.batch_size)
     texts, regions, matched = [], [], []
     for i in idx:
-        match = rng.random() >= cfg.itm_prob
-        src = items[i] if match else items[rng.integers(len(items))]
-        if rng.random() < 0.5 and src[2]:
-            j = int(rng.integers(len(src[2])))
-            words = src[2][j].split()
-            # a mismatched region caption points at no region of this image
-            regions.append([j + 1 if match else -1] * len(words))
+        match = bool(rng.random() >= cfg.itm_prob)
+        region_caps, captions = items[i][2], items[i][3]
+        if rng.random() < 0.5 and region_caps:
+            j = int(rng.integers(len(region_caps)))
+            words = region_caps[j].split()
+            link = j + 1
         else:
-            words = src[3][rng.integers(len(src[3]))].split()
-            regions.append([-1] * len(words))
+            words = captions[rng.integers(len(captions))].split()
+            link = -1
+        if not match:
+            swapped = _swap_attribute(words, rng, attribute_groups) if rng.random() < 0.5 \
+                else None
+            if swapped is not None:
+                words = swapped
+            else:  # the same kind of text, from another image
+                other = items[rng.integers(len(items))]
+                pool = other[2] if link >= 0 and other[2] else other[3]
+                cand = pool[rng.integers(len(pool))].split()
+                match = cand == words  # identical text by chance is still a match
+                words = cand
+        regions.append([link] * len(words))
         texts.append(words)
-        matched.append(int(match or src is items[i]))
+        matched.append(int(match))
     enc = tokenizer(texts, is_split_into_words=True, truncation=True, max_length=max_length,
                     padding=True, return_tensors="pt")
     token_regions = torch.full_like(enc["input_ids"], -1)
@@ -128,6 +157,14 @@ def make_batch(items, tokenizer, rng: np.random.Generator, cfg: PretrainConfig,
     }
 
 
+def attribute_groups() -> tuple[tuple[str, ...], ...]:
+    """Words whose swap makes a hard negative: the synthetic world's attribute vocabularies
+    (a real caption corpus would use its own, e.g. colour and object words)."""
+    from cliptd.synthetic import COLOURS, SHAPES, SIZES
+
+    return (tuple(COLOURS), tuple(SHAPES), tuple(SIZES))
+
+
 def pretrain_student(corpus: Path, out_dir: Path, tokenizer, cfg: PretrainConfig | None = None,
                      *, progress: bool = True, log=None) -> Path:
     """Pre-train and export a student folder (config, weights, tokenizer), atomically."""
@@ -146,8 +183,9 @@ def pretrain_student(corpus: Path, out_dir: Path, tokenizer, cfg: PretrainConfig
     bar = tqdm(range(cfg.steps), desc="pretrain student", disable=not progress)
     history = []
     model.train()
+    groups = attribute_groups()
     for step in bar:
-        batch = make_batch(items, tokenizer, rng, cfg)
+        batch = make_batch(items, tokenizer, rng, cfg, attribute_groups=groups)
         out = model(batch)
         # MLM only on matched pairs: predicting words of a caption of another image would
         # teach the model to ignore the image.

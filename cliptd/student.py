@@ -143,7 +143,9 @@ class VLStudent(nn.Module):
         self.regions = RegionEncoder(cfg)
         common = dict(hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
                       intermediate_size=cfg.intermediate_size,
-                      hidden_dropout_prob=cfg.hidden_dropout_prob, vocab_size=cfg.vocab_size)
+                      hidden_dropout_prob=cfg.hidden_dropout_prob,
+                      attention_probs_dropout_prob=cfg.hidden_dropout_prob,
+                      vocab_size=cfg.vocab_size)
         if cfg.arch == "visualbert":
             if cfg.checkpoint:
                 self.encoder = VisualBertModel.from_pretrained(cfg.checkpoint)
@@ -185,9 +187,16 @@ class VLStudent(nn.Module):
         vis = region_feats[image_index]
         vmask = region_mask[image_index].long()
         L = input_ids.shape[1]
+        # Grounding, as VL-BERT and R2C do: a word that refers to a region ("[2]" rendered
+        # as "square") carries that region's feature in its input embedding. Passed through
+        # the models' own ``inputs_embeds`` input: the architectures are unchanged.
+        emb = self.encoder.embeddings.word_embeddings(input_ids)
+        ground = torch.gather(vis, 1, token_regions.clamp(min=0)[..., None].expand(
+            -1, -1, vis.shape[-1]))
+        emb = emb + ground * (token_regions >= 0)[..., None].to(emb.dtype)
         if self.cfg.arch == "visualbert":
-            # VisualBERT's own grounding: a region gets the position embedding of the words
-            # that refer to it (image_text_alignment), so no change to the model is needed.
+            # VisualBERT's own grounding too: a region gets the position embedding of the
+            # words that refer to it (image_text_alignment).
             R = vis.shape[1]
             pos = torch.arange(L, device=input_ids.device).expand_as(token_regions)
             match = token_regions[:, None, :] == torch.arange(R, device=input_ids.device)[
@@ -196,17 +205,11 @@ class VLStudent(nn.Module):
                                                                              dtype=torch.long))
             k = int(match.sum(-1).max().clamp(min=1))
             alignment = alignment.sort(dim=-1, descending=True).values[..., :k]
-            out = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+            out = self.encoder(inputs_embeds=emb, attention_mask=attention_mask,
                                visual_embeds=vis, visual_attention_mask=vmask,
                                image_text_alignment=alignment)
             seq = out.last_hidden_state
             return StudentOutput(seq[:, :L], seq[:, L:], out.pooler_output)
-        # LXMERT has no grounding input: add the referenced region's feature to the word
-        # embedding, as VL-BERT does.
-        emb = self.encoder.embeddings.word_embeddings(input_ids)
-        ground = torch.gather(vis, 1, token_regions.clamp(min=0)[..., None].expand(
-            -1, -1, vis.shape[-1]))
-        emb = emb + ground * (token_regions >= 0)[..., None]
         out = self.encoder(inputs_embeds=emb, attention_mask=attention_mask, visual_feats=vis,
                            visual_pos=box_geometry[image_index],
                            visual_attention_mask=vmask)

@@ -509,6 +509,7 @@ def main(argv=None) -> int:
         for key in ("shots", "epochs", "seed"):
             if getattr(args, key) is not None:
                 overrides[key] = getattr(args, key)
+        resolve_config(overrides)  # refuse bad input before building anything
         if not overrides.get("data"):
             world, cache = setup_embedded(args, (args.task,))
             overrides = {**embedded_run_config(args.task, world, cache[args.task]), **overrides}

@@ -37,9 +37,15 @@ class WorldConfig:
     teacher: TeacherPretrainConfig = field(default_factory=TeacherPretrainConfig)
     student_steps: int = 500
     student: str = "visualbert-tiny"
+    # Bumped when the student's code changes meaning, so cached students are rebuilt.
+    student_version: int = 4
 
     def digest(self, part: str) -> str:
-        return hashlib.sha256(json.dumps([part, asdict(self)], sort_keys=True,
+        """Cache key of one stage: only the settings that stage depends on."""
+        fields = {"teacher": ("seed", "scale", "teacher"),
+                  "student": ("seed", "scale", "student", "student_steps", "student_version")}
+        data = {k: v for k, v in asdict(self).items() if k in fields[part]}
+        return hashlib.sha256(json.dumps([part, data], sort_keys=True,
                                          default=str).encode()).hexdigest()[:10]
 
 
