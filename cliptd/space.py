@@ -24,7 +24,7 @@ DISTRIBUTIONS = ("uniform", "loguniform", "choice", "randint")
 # weighting and schedule (SPEC section 2), so searching them would only waste trials.
 NAIVE_KNOBS = {"distill.lam", "distill.distance", "distill.text_target", "distill.modalities"}
 BUDGET_KEYS = {"num_samples", "epochs", "seeds", "grace_period", "reduction_factor",
-               "min_steps", "max_concurrent"}
+               "min_steps", "max_concurrent", "eval_limit"}
 TOP_KEYS = {"task", "metric", "conditions", "methods", "fixed", "search", "budgets"}
 
 
@@ -41,6 +41,7 @@ class Budget:
     reduction_factor: int = 2
     min_steps: int = 0
     max_concurrent: int = 0  # 0: sized from the cluster's resources
+    eval_limit: int = 0  # search trials evaluate on a fixed sample (0: all); seeds use all
 
 
 @dataclass

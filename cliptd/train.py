@@ -52,16 +52,17 @@ DEFAULT_CONFIG = {
     "student": "visualbert-tiny",  # pretrained student folder, or a shipped config name
     "teacher_cache": None,  # teacher-cache folder (None: no distillation possible)
     "distill": DistillConfig().as_dict(),
-    "lr": 1e-4,
+    "lr": 3e-4,
     "weight_decay": 0.01,
     "warmup_frac": 0.1,
     "batch_size": 32,
     "grad_accum": 1,
     "epochs": 4,
-    "min_steps": 0,  # low-shot runs: at least this many optimizer steps (epochs grow)
+    "min_steps": 0,  # low-shot runs: at least this many optimizer steps in all
     "max_length": 64,
     "vqa_vocab": 100,
     "eval_batch_size": 128,
+    "eval_limit": 0,  # evaluate on a fixed sample of this many instances (0: all)
     "seed": 0,
     "threads": 0,  # torch intra-op threads per worker (0: torch's default)
     "tracking": None,  # {"uri":..., "run_id":...}: rank 0 logs per-epoch metrics to MLflow
@@ -137,6 +138,10 @@ def build_run(cfg: dict) -> RunParts:
     if train_table.num_rows == 0:
         raise DataError(f"no training rows for shots={cfg['shots']} preset={cfg['preset']}")
     eval_table = data_mod.read_split(data, eval_split)
+    if cfg["eval_limit"] and eval_table.num_rows > cfg["eval_limit"]:
+        # a fixed random sample (seed 0, not the run's seed): every trial sees the same rows
+        keep = np.random.default_rng(0).permutation(eval_table.num_rows)[:cfg["eval_limit"]]
+        eval_table = eval_table.take(np.sort(keep))
     eval_ids = eval_table.column("id").to_pylist()
     groups = {"id": {i for i, m in zip(eval_ids, preset.train_mask(eval_table), strict=True) if m}}
     if cfg["preset"] != "none":
@@ -331,6 +336,20 @@ class LocalRuntime:
             shutil.copytree(folder, self.keep_dir / f"epoch-{epoch:03d}", dirs_exist_ok=True)
 
 
+def epoch_batches(loader, n_batches: int, epoch: int):
+    """``n_batches`` batches, cycling the loader (a new shuffle per pass) when it is shorter."""
+    done, rep = 0, 0
+    while done < n_batches:
+        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch * 1000 + rep)  # DistributedSampler's shuffle seed
+        for batch in loader:
+            yield batch
+            done += 1
+            if done == n_batches:
+                return
+        rep += 1
+
+
 def train_fn_per_worker(config: dict) -> None:
     """Ray Train's entry point on every worker."""
     train_loop(config, RayRuntime())
@@ -348,8 +367,11 @@ def train_loop(config: dict, rt) -> None:
     loader = rt.prepare_loader(DataLoader(
         parts.train, batch_size=per_worker, shuffle=True, collate_fn=parts.collate_train,
         generator=torch.Generator().manual_seed(cfg["seed"])))
-    steps_per_epoch = max(1, len(loader) // cfg["grad_accum"])
-    epochs = max(cfg["epochs"], -(-cfg["min_steps"] // steps_per_epoch))
+    # Low-shot: an epoch is at least min_steps / epochs optimizer steps (the small training
+    # set is cycled), so a 1 % run still trains, and is still evaluated `epochs` times.
+    epochs = cfg["epochs"]
+    batches_per_epoch = max(len(loader), -(-cfg["min_steps"] * cfg["grad_accum"] // epochs))
+    steps_per_epoch = max(1, batches_per_epoch // cfg["grad_accum"])
     total_steps = epochs * steps_per_epoch
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     warm = max(1, int(cfg["warmup_frac"] * total_steps))
@@ -377,10 +399,8 @@ def train_loop(config: dict, rt) -> None:
     fault = cfg["fault"] or {}
     model.train()
     for epoch in range(start_epoch, epochs):
-        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)  # DistributedSampler: a new shuffle per epoch
         t0, seen, logs = time.time(), 0, {}
-        for i, batch in enumerate(loader):
+        for i, batch in enumerate(epoch_batches(loader, batches_per_epoch, epoch)):
             batch = to_device(batch, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss, logs = model(batch, progress=step / total_steps)
@@ -522,9 +542,14 @@ def main(argv=None) -> int:
                            workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                            cpus_per_worker=args.cpus_per_worker or 1,
                            max_failures=args.max_failures)
-    result = trainer.fit()
-    if result.error:
-        die(f"training failed: {result.error}")
+    from ray.train import TrainingFailedError
+
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as exc:
+        die(f"training failed after {args.max_failures} restart(s): "
+            f"{str(exc).splitlines()[0]} (logs and checkpoints: {args.storage_path}/{name}; "
+            f"rerun the same command to resume)", code=1)
     metrics = {k: v for k, v in result.metrics.items() if k.startswith("val/") and
                "/qtype/" not in k}
     print(json.dumps({"name": name, "epoch": result.metrics.get("epoch"), **metrics}, indent=2))

@@ -301,8 +301,8 @@ def main(argv=None) -> int:
                  "threads": max(1, int(resources["cpus_per_worker"]))}
         for method in methods:
             mbase = {**cbase, "distill": {**(cbase.get("distill") or {}), "method": method}}
-            sample, grid = search(space, budget, mbase, meta, condition, method, args,
-                                  resources, out)
+            sample, grid = search(space, budget, {**mbase, "eval_limit": budget.eval_limit},
+                                  meta, condition, method, args, resources, out)
             close_runs(grid, meta, "search")
             best_path = write_best(out, condition, method, mbase, sample)
             seeds = rerun_seeds(budget, mbase, meta, condition, method, sample, args, resources)

@@ -1,44 +1,56 @@
-"""End to end: the real ``python -m cliptd.tune`` CLI on a tiny embedded world, then what
-landed in MLflow (one run per trial, with the metric and the searched params)."""
+"""End to end: the real ``python -m cliptd.tune`` CLI on a tiny embedded world — what lands
+in MLflow (one run per trial, with the metric and the searched params), and a sweep whose
+driver is SIGKILLed mid-sweep, then completed by ``--resume``."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
+
+@pytest.fixture(scope="session")
+def world_cache(tmp_path_factory):
+    """One embedded world (budget small) shared by the CLI tests: built by the first run."""
+    return tmp_path_factory.mktemp("cliptd-cache")
 
 
-def _run_tune(tmp: Path, *extra: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CLIPTD_CACHE": str(tmp / "cache"), "RAY_USAGE_STATS_ENABLED": "0",
+def _cmd(tmp: Path, cache: Path, *extra: str):
+    env = {**os.environ, "CLIPTD_CACHE": str(cache), "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "HF_HUB_OFFLINE": "1",
-           "CLIPTD_TRACKING_BUFFER": str(tmp / "buffer")}
+           "CLIPTD_TRACKING_BUFFER": str(tmp / "buffer"), "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "cliptd.tune", "--task", "vcr", "--budget", "small",
            "--storage-path", str(tmp / "ray"), "--out", str(tmp / "out"),
            "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}", *extra]
-    return subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return cmd, env
 
 
-def test_tune_cli_records_every_trial(tmp_path):
-    proc = _run_tune(tmp_path, "--methods", "none,cliptd", "--name", "e2e")
+def _trial_runs(tmp: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("cliptd-vcr")
+    runs = client.search_runs([exp.experiment_id])
+    return client, [r for r in runs if r.data.tags.get("cliptd.kind") == "sweep"], \
+        [r for r in runs if r.data.tags.get("cliptd.kind") == "trial"]
+
+
+def test_tune_cli_records_every_trial(tmp_path, world_cache):
+    cmd, env = _cmd(tmp_path, world_cache, "--methods", "none,cliptd", "--name", "e2e")
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = proc.stdout
     assert "== Comparison" in out and "mlflow ui --backend-store-uri" in out
     assert "--host 127.0.0.1" in out
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("cliptd-vcr")
-    runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if r.data.tags.get("cliptd.kind") == "sweep"]
-    trials = [r for r in runs if r.data.tags.get("cliptd.kind") == "trial"]
+    _, parents, trials = _trial_runs(tmp_path)
     assert len(parents) == 1
     # small budget: 2 search trials for cliptd, 1 for none (no knobs), then 1 seed each
     search = [r for r in trials if r.data.tags["phase"] == "search"]
@@ -51,10 +63,54 @@ def test_tune_cli_records_every_trial(tmp_path):
         assert r.info.status == "FINISHED"
         assert {"task", "shots", "method", "seed"} <= set(r.data.tags)
         assert "distill.method" in r.data.params and "lr" in r.data.params
+        assert r.data.params["versions.ray"] == "2.60.0"
     for r in search:
         if r.data.tags["method"] == "cliptd":  # the searched knobs are recorded as params
             assert {"distill.select_ratio_v", "distill.weighting", "distill.lam"} <= set(
                 r.data.params)
-    best = list((tmp_path / "out" / "best").glob("*.yaml"))
-    assert len(best) == 2
+    assert len(list((tmp_path / "out" / "best").glob("*.yaml"))) == 2
     assert (tmp_path / "out" / "comparison.md").read_text().count("|") > 10
+
+
+def test_driver_sigkill_then_resume(tmp_path, world_cache):
+    cmd, env = _cmd(tmp_path, world_cache, "--methods", "cliptd", "--name", "killed")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 900
+    try:  # wait until a search trial has reported a result, then kill the driver hard
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(2)
+            trials = list((tmp_path / "ray").glob("killed-search-*/train_driver_fn_*"))
+            if len(trials) >= 2 and any((t / "result.json").exists() and (
+                    t / "result.json").stat().st_size > 0 for t in trials):
+                break
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    time.sleep(5)  # let the orphaned Ray processes notice their driver is gone
+    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"],
+                   capture_output=True, timeout=120)
+    cmd, env = _cmd(tmp_path, world_cache, "--methods", "cliptd", "--name", "killed",
+                    "--resume")
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=1200)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "resuming" in done.stdout
+    client, parents, trials = _trial_runs(tmp_path)
+    assert len(parents) == 1, "a resumed sweep reuses its parent run"
+    search = [r for r in trials if r.data.tags["phase"] == "search"]
+    assert len(search) == 2, "finished trials = the budget (num_samples=2), no duplicates"
+    assert len({r.data.tags["cliptd.trial_id"] for r in search}) == 2
+    for r in search:
+        history = client.get_metric_history(r.info.run_id, "score")
+        steps = [m.step for m in history]
+        assert len(steps) == len(set(steps)), f"epochs logged twice: {steps}"
+        assert r.info.status == "FINISHED"
+    import optuna
+
+    study = optuna.load_study(study_name="killed-synthetic-shots0.05-cliptd",
+                              storage=f"sqlite:///{tmp_path / 'out' / 'optuna.db'}")
+    assert len(study.trials) == 2, "the searcher continued instead of starting over"
