@@ -22,7 +22,7 @@ TASKS = ("vcr", "snli_ve", "vqa")
 # The world sizes behind --budget: "small" is for first looks and tests.
 WORLD_BUDGETS = {
     "default": dict(scale=1.0, teacher_steps=600, student_steps=400),
-    "small": dict(scale=0.1, teacher_steps=60, student_steps=40),
+    "small": dict(scale=0.05, teacher_steps=30, student_steps=30),
 }
 
 

@@ -52,10 +52,11 @@ def test_tune_cli_records_every_trial(tmp_path, world_cache):
     assert "--host 127.0.0.1" in out
     _, parents, trials = _trial_runs(tmp_path)
     assert len(parents) == 1
-    # small budget: 2 search trials for cliptd, 1 for none (no knobs), then 1 seed each
+    # small budget: 2 search trials per method (none searches lr, weight decay, warm-up),
+    # then 1 seed re-run each
     search = [r for r in trials if r.data.tags["phase"] == "search"]
     seeds = [r for r in trials if r.data.tags["phase"] == "seeds"]
-    assert len(search) == 3 and len(seeds) == 2
+    assert len(search) == 4 and len(seeds) == 2
     assert len({r.data.tags["cliptd.trial_id"] for r in trials}) == len(trials)
     for r in trials:
         assert r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
