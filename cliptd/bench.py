@@ -26,19 +26,22 @@ from cliptd.table import comparison_rows, to_markdown
 from cliptd.train import LocalRuntime, build_run, resolve_config, train_loop
 
 
-def _time_steps(parts, batch, steps: int) -> float:
-    opt = torch.optim.AdamW(parts.task.parameters(), lr=1e-4)
-    parts.task.train()
-    times = []
+def _time_interleaved(runs: dict, batch, steps: int) -> dict[str, float]:
+    """Median step time (forward, backward, AdamW step) per method, the methods' steps
+    interleaved so that a noisy machine slows them alike."""
+    opts = {m: torch.optim.AdamW(p.task.parameters(), lr=1e-4) for m, p in runs.items()}
+    times: dict[str, list[float]] = {m: [] for m in runs}
     for i in range(steps + 2):
-        t = time.perf_counter()
-        loss, _ = parts.task(batch, progress=0.5)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if i >= 2:  # the first steps warm up allocators and kernels
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for method, parts in runs.items():
+            parts.task.train()
+            t = time.perf_counter()
+            loss, _ = parts.task(batch, progress=0.5)
+            opts[method].zero_grad(set_to_none=True)
+            loss.backward()
+            opts[method].step()
+            if i >= 2:  # the first steps warm up allocators and kernels
+                times[method].append(time.perf_counter() - t)
+    return {m: statistics.median(v) for m, v in times.items()}
 
 
 def bench_step(base: dict, teacher_spec, steps: int, batch_size: int) -> dict:
@@ -55,8 +58,8 @@ def bench_step(base: dict, teacher_spec, steps: int, batch_size: int) -> dict:
         parts[method] = build_run(cfg)
     problems = parts["cliptd"].train[:batch_size]
     batch = parts["cliptd"].collate_train(problems)
-    out["none_s"] = _time_steps(parts["none"], batch, steps)
-    out["cliptd_cached_s"] = _time_steps(parts["cliptd"], batch, steps)
+    medians = _time_interleaved(parts, batch, steps)
+    out["none_s"], out["cliptd_cached_s"] = medians["none"], medians["cliptd"]
     teacher = Teacher.load(teacher_spec)
     collate = parts["cliptd"].collate_train
     live_times = []
