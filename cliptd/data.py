@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from cliptd.atomic import clean_stale, swap_into_place
 from cliptd.errors import DataError
 from cliptd.formats import ReadOptions, RegionSource, load_domains, reader
 from cliptd.metrics import vqa_normalize, vqa_soft_score
@@ -76,7 +77,7 @@ def prepare(
     if not splits:
         raise DataError(f"no {task} annotation files found", file=src)
 
-    _clean_stale(out)
+    clean_stale(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     try:
@@ -111,7 +112,7 @@ def prepare(
             },
         }
         _write_json_atomic(tmp / MANIFEST, manifest)
-        _swap_into_place(tmp, out)
+        swap_into_place(tmp, out)
     except BaseException:  # incl. KeyboardInterrupt: never leave a half-written dataset
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -163,36 +164,6 @@ def _hash_file(h: Any, path: Path) -> None:
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _clean_stale(out: Path) -> None:
-    """Remove temp folders of runs that died (their pid is gone) or of this very process."""
-    for path in out.parent.glob(f"{out.name}.*-*"):
-        kind, _, pid = path.name[len(out.name) + 1 :].partition("-")
-        if kind in ("tmp", "old") and pid.isdigit():
-            if int(pid) == os.getpid() or not _pid_alive(int(pid)):
-                shutil.rmtree(path, ignore_errors=True)
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    # os.replace cannot overwrite a non-empty folder: move the old one aside first.
-    old = None
-    if out.exists():
-        old = out.with_name(f"{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:

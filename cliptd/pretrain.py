@@ -16,8 +16,6 @@ import argparse
 import io
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from cliptd.atomic import atomic_dir
 from cliptd.student import StudentConfig, VLStudent, save_student
 
 
@@ -206,17 +205,13 @@ def pretrain_student(corpus: Path, out_dir: Path, tokenizer, cfg: PretrainConfig
             if log:
                 log(rec)
     model.eval()
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_student(model, tokenizer, tmp, extra={"pretrain": asdict(cfg), "corpus": str(corpus)})
-    (tmp / "pretrain.json").write_text(json.dumps(
-        {"config": asdict(cfg), "seconds": round(time.time() - start, 1),
-         "history": history}, indent=2))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return out_dir
+    with atomic_dir(Path(out_dir)) as tmp:
+        save_student(model, tokenizer, tmp, extra={"pretrain": asdict(cfg),
+                                                   "corpus": str(corpus)})
+        (tmp / "pretrain.json").write_text(json.dumps(
+            {"config": asdict(cfg), "seconds": round(time.time() - start, 1),
+             "history": history}, indent=2))
+    return Path(out_dir)
 
 
 def main(argv=None) -> int:

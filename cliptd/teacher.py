@@ -16,8 +16,6 @@ import hashlib
 import io
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +28,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.ops import roi_align
 from tqdm.auto import tqdm
+
+from cliptd.atomic import atomic_dir
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 EMBEDDED_TEACHER = "cliptd-tiny"
@@ -242,19 +242,15 @@ def pretrain_tiny_teacher(corpus: Path, out_dir: Path, cfg: TeacherPretrainConfi
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model_cfg = json.loads((CONFIG_DIR / f"{EMBEDDED_TEACHER}.json").read_text())
-    (tmp / "open_clip_config.json").write_text(json.dumps(
-        {"model_cfg": model_cfg, "preprocess_cfg": {}}, indent=2))
-    torch.save(model.state_dict(), tmp / "open_clip_pytorch_model.bin")
-    (tmp / "pretrain.json").write_text(json.dumps(
-        {"config": asdict(cfg), "corpus": str(corpus), "seconds": round(time.time() - start, 1),
-         "final_loss": float(loss.item())}, indent=2))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model_cfg = json.loads((CONFIG_DIR / f"{EMBEDDED_TEACHER}.json").read_text())
+        (tmp / "open_clip_config.json").write_text(json.dumps(
+            {"model_cfg": model_cfg, "preprocess_cfg": {}}, indent=2))
+        torch.save(model.state_dict(), tmp / "open_clip_pytorch_model.bin")
+        (tmp / "pretrain.json").write_text(json.dumps(
+            {"config": asdict(cfg), "corpus": str(corpus),
+             "seconds": round(time.time() - start, 1), "final_loss": float(loss.item())},
+            indent=2))
     return out_dir
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from cliptd.atomic import clean_stale
 from cliptd.synthetic import corpus, snli_ve, vcr, vqa
 from cliptd.synthetic.plan import pack
 from cliptd.synthetic.scene import (
@@ -293,25 +294,6 @@ def is_complete(root: Path, seed: int, scale: float) -> bool:
     )
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _clean_stale(root: Path) -> None:
-    """Remove temp/old siblings left by generations that were killed (their pid is gone)."""
-    for kind in ("tmp", "old"):
-        for p in root.parent.glob(f"{root.name}.{kind}-*"):
-            pid = p.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-                shutil.rmtree(p, ignore_errors=True)
-
-
 def build(out: Path, seed: int, scale: float, progress: bool) -> dict[str, Any]:
     """Write every file of the world into ``out`` (non-atomic; see ``generate_world``)."""
     t0 = time.perf_counter()
@@ -377,7 +359,7 @@ def generate_world(
             f"{root} holds {what}; pass overwrite=True (--overwrite) to replace it"
         )
     root.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale(root)
+    clean_stale(root)
     tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
