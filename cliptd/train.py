@@ -213,7 +213,6 @@ def evaluate(task_module: CLIPTDTask, parts: RunParts, cfg: dict, device) -> dic
         for key, pred in zip(batch["keys"], scores.argmax(-1).tolist(), strict=True):
             preds[key] = pred
     task_module.train()
-    by_key = {p.key: p for p in parts.eval}
     metrics = {}
     for group, ids in parts.eval_groups.items():
         probs = [p for p in parts.eval if p.id in ids]
@@ -226,7 +225,6 @@ def evaluate(task_module: CLIPTDTask, parts: RunParts, cfg: dict, device) -> dic
             sub = [p for p in probs if p.qtype == qtype]
             metrics[f"val/{group}/qtype/{qtype}/{primary}"] = _task_metrics(
                 cfg["task"], sub, preds, parts.vocab)[primary]
-    del by_key
     return metrics
 
 

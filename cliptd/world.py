@@ -59,7 +59,7 @@ class World:
     timings: dict[str, float]
 
 
-def _timed(timings: dict, name: str, fn, log):
+def _timed(timings: dict, name: str, fn):
     start = time.time()
     out = fn()
     timings[name] = round(time.time() - start, 1)
@@ -79,7 +79,7 @@ def ensure_world(cache: Path | None = None, cfg: WorldConfig | None = None, *,
     if not (world_dir / "world.json").exists():
         log(f"[cliptd] generating the synthetic world into {world_dir}")
     synthetic = _timed(timings, "synthetic", lambda: generate_world(
-        world_dir, seed=cfg.seed, scale=cfg.scale), log)
+        world_dir, seed=cfg.seed, scale=cfg.scale))
     prepared = {}
     for task in tasks:
         folder, has_boxes = TASK_SOURCES[task]
@@ -90,7 +90,7 @@ def ensure_world(cache: Path | None = None, cfg: WorldConfig | None = None, *,
             _timed(timings, f"prepare_{task}", lambda src=src, out=out, task=task,
                    has_boxes=has_boxes: data_mod.prepare(
                        task, src, out, boxes=src / "boxes.json" if has_boxes else None,
-                       domains=src / "domains.json"), log)
+                       domains=src / "domains.json"))
         prepared[task] = out
     teacher_dir = root / f"teacher-{cfg.digest('teacher')}"
     if not (teacher_dir / "open_clip_pytorch_model.bin").exists():
@@ -100,7 +100,7 @@ def ensure_world(cache: Path | None = None, cfg: WorldConfig | None = None, *,
             f"on {synthetic}/corpus/teacher.parquet")
         _timed(timings, "teacher_pretrain", lambda: pretrain_tiny_teacher(
             Path(synthetic) / "corpus" / "teacher.parquet", teacher_dir, cfg.teacher,
-            progress=progress), log)
+            progress=progress))
     student_dir = root / f"student-{cfg.digest('student')}"
     if not (student_dir / "student.pt").exists():
         from cliptd.pretrain import PretrainConfig, pretrain_student
@@ -111,7 +111,7 @@ def ensure_world(cache: Path | None = None, cfg: WorldConfig | None = None, *,
         _timed(timings, "student_pretrain", lambda: pretrain_student(
             Path(synthetic) / "corpus" / "student.parquet", student_dir, tokenizer,
             PretrainConfig(student=cfg.student, steps=cfg.student_steps, seed=cfg.seed),
-            progress=progress), log)
+            progress=progress))
     return World(root=root, synthetic=Path(synthetic), data=prepared,
                  teacher=embedded_teacher_spec(teacher_dir), student=student_dir,
                  timings=timings)
