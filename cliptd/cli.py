@@ -68,22 +68,22 @@ def setup_embedded(args, tasks) -> tuple:
     from cliptd.dataset import problems_from_table
     from cliptd.teacher import Teacher
     from cliptd.teacher_cache import build_cache, cache_key
+    from cliptd.train import DEFAULT_CONFIG
     from cliptd.world import ensure_world
 
     world = ensure_world(args.cache or default_cache_dir(), world_config(args), tasks=TASKS)
-    teacher = None
+    teacher = Teacher.load(world.teacher)
+    fingerprint = teacher.fingerprint()
+    root = world.root / "teacher_cache"
     caches = {}
     for task in tasks:
         folder = world.data[task]
         manifest = data_mod.load_manifest(folder)
-        key = None
-        if teacher is None:
-            teacher = Teacher.load(world.teacher)
-        key = cache_key(teacher.fingerprint(), manifest["version"], "train", task)
-        root = world.root / "teacher_cache"
+        key = cache_key(fingerprint, manifest["version"], "train", task)
         if not (root / key / "_SUCCESS").exists():
             table = data_mod.read_split(folder, "train")
-            vocab = data_mod.answer_vocab(table, 100) if task == "vqa" else None
+            vocab = data_mod.answer_vocab(table, DEFAULT_CONFIG["vqa_vocab"]) \
+                if task == "vqa" else None
             problems = problems_from_table(task, table, Path(manifest["image_root"]), vocab)
             build_cache(teacher, task, problems, root, key, vocab=vocab)
         caches[task] = root / key

@@ -8,7 +8,7 @@ A *problem* is one scored decision: VCR rows give two (``qa``: question → 4 an
 from __future__ import annotations
 
 import json
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,10 +17,12 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from cliptd.metrics import vqa_normalize, vqa_soft_score
+from cliptd.data import soft_targets
+from cliptd.metrics import vqa_normalize
 from cliptd.student import resize_boxes
 
 HEADS = {"vcr": ("qa", "qar"), "snli_ve": ("main",), "vqa": ("main",)}
+EVAL_SPLIT = {"vcr": "val", "snli_ve": "dev", "vqa": "val"}  # test labels are hidden
 
 
 @dataclass
@@ -80,9 +82,7 @@ def problems_from_table(task: str, table: pa.Table, image_root: Path,
                                query_regions=row["query_regions"], candidates=[],
                                label=row["label"], **common))
         elif task == "vqa":
-            counts = Counter(vqa_normalize(a) for a in row["answers"])
-            soft = {vocab_index[a]: vqa_soft_score(n) for a, n in counts.items()
-                    if a in vocab_index and vqa_soft_score(n) > 0}
+            soft = soft_targets(row["answers"], vocab_index)
             gold = json.loads(row["meta"]).get("multiple_choice_answer", "")
             out.append(Problem(key=f"{row['id']}:main", head="main", query=row["query"],
                                query_regions=row["query_regions"], candidates=[],
@@ -217,11 +217,3 @@ class Collator:
             "gold_prob": torch.tensor([r["gold_prob"] for r in rows], dtype=torch.float),
             "correct": torch.tensor([r["correct"] for r in rows], dtype=torch.bool),
         }
-
-
-def group_by_candidates(problems: list[Problem]) -> list[list[Problem]]:
-    """Problems with equal candidate counts, so each batch is rectangular."""
-    groups: dict[int, list[Problem]] = {}
-    for p in problems:
-        groups.setdefault(p.num_candidates, []).append(p)
-    return list(groups.values())

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torchvision
 from torchvision.ops import roi_align
 from transformers import (
@@ -294,10 +293,3 @@ def count_parameters(module: nn.Module) -> int:
 def resize_boxes(boxes: torch.Tensor, width: int, height: int, size: int) -> torch.Tensor:
     scale = boxes.new_tensor([size / width, size / height, size / width, size / height])
     return boxes * scale
-
-
-def resize_image(image: torch.Tensor, size: int) -> torch.Tensor:
-    if image.shape[-1] == size and image.shape[-2] == size:
-        return image
-    return F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True,
-                         align_corners=False)[0]

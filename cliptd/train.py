@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from cliptd import data as data_mod
-from cliptd.dataset import Collator, ImageStore, Problem, problems_from_table
+from cliptd.dataset import EVAL_SPLIT, Collator, ImageStore, Problem, problems_from_table
 from cliptd.errors import DataError
 from cliptd.metrics import accuracy, vcr_metrics, vqa_accuracy
 from cliptd.objective import DistillConfig
@@ -127,9 +127,10 @@ def build_run(cfg: dict) -> RunParts:
         raise DataError(f"{data} holds {manifest['task']} data, not {task}")
     preset = data_mod.domain_preset(cfg["preset"])
     preset.check(manifest)
-    eval_split = cfg["eval_split"] or preset.eval_split or \
-        {"vcr": "val", "snli_ve": "dev", "vqa": "val"}[task]
+    eval_split = cfg["eval_split"] or preset.eval_split or EVAL_SPLIT[task]
     train_table = data_mod.read_split(data, "train")
+    # the answer vocabulary comes from the whole train split, whatever the shot level
+    vocab = data_mod.answer_vocab(train_table, cfg["vqa_vocab"]) if task == "vqa" else None
     ids = set(data_mod.subset_ids(data, "train", seed=cfg["subset_seed"],
                                   **parse_shots(cfg["shots"])))
     keep = np.array([i in ids for i in train_table.column("id").to_pylist()]) & \
@@ -147,8 +148,6 @@ def build_run(cfg: dict) -> RunParts:
     if cfg["preset"] != "none":
         groups["shift"] = {i for i, m in zip(eval_ids, preset.eval_mask(eval_table),
                                              strict=True) if m}
-    vocab = data_mod.answer_vocab(data_mod.read_split(data, "train"), cfg["vqa_vocab"]) \
-        if task == "vqa" else None
     root = Path(manifest["image_root"])
     train = problems_from_table(task, train_table, root, vocab)
     evals = [p for p in problems_from_table(task, eval_table, root, vocab) if p.label >= 0

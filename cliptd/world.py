@@ -23,7 +23,6 @@ TASK_SOURCES = {  # task → (folder in the synthetic world, has a box file)
     "snli_ve": ("snli_ve", True),
     "vqa": ("vqa", True),
 }
-EVAL_SPLIT = {"vcr": "val", "snli_ve": "dev", "vqa": "val"}
 
 
 def default_cache_dir() -> Path:
