@@ -113,7 +113,7 @@ def bench_ray(base: dict, args) -> dict:
 
     from cliptd.cli import init_ray
     from cliptd.train import make_trainer
-    from cliptd.tune import META, train_driver_fn
+    from cliptd.tune import train_driver_fn
 
     init_ray(args)
     storage = str((Path(args.storage_path) / "bench").resolve())
@@ -124,8 +124,8 @@ def bench_ray(base: dict, args) -> dict:
             "condition": "bench", "phase": "bench", "searcher_seed": 0, "versions": {}}
     launch = time.time()
     grid = tune.Tuner(
-        tune.with_resources(train_driver_fn, {"CPU": 0.2}),
-        param_space={"seed": tune.grid_search([0, 1]), META: meta},
+        tune.with_resources(tune.with_parameters(train_driver_fn, meta=meta), {"CPU": 0.2}),
+        param_space={"seed": tune.grid_search([0, 1])},
         tune_config=tune.TuneConfig(max_concurrent_trials=2),
         run_config=tune.RunConfig(name=f"ray-overhead-{int(launch)}", storage_path=storage,
                                   verbose=0)).fit()
@@ -159,6 +159,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=("step", "science", "ray"))
     add_common_args(parser)
+    parser.set_defaults(budget="full")  # the benchmarks' world: full size, longer pre-training
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--shots", default="0.05")

@@ -141,19 +141,26 @@ class Collator:
     def __call__(self, problems: list[Problem]) -> dict:
         size = self.images.size
         R = max(len(p.boxes) for p in problems)
-        boxes = torch.zeros(len(problems), R, 4)
-        region_mask = torch.zeros(len(problems), R, dtype=torch.bool)
-        for b, p in enumerate(problems):
-            boxes[b, : len(p.boxes)] = resize_boxes(torch.from_numpy(p.boxes), p.width,
+        # One visual entry per distinct (image, boxes): VCR's Q→A and QA→R problems of a
+        # question share theirs, so the region backbone runs once for both.
+        visual: dict[tuple, int] = {}
+        owner = [visual.setdefault((p.image, p.boxes.tobytes()), len(visual)) for p in problems]
+        firsts_of = {v: b for b, v in reversed(list(enumerate(owner)))}
+        boxes = torch.zeros(len(visual), R, 4)
+        region_mask = torch.zeros(len(visual), R, dtype=torch.bool)
+        for v, b in firsts_of.items():
+            p = problems[b]
+            boxes[v, : len(p.boxes)] = resize_boxes(torch.from_numpy(p.boxes), p.width,
                                                     p.height, size)
-            region_mask[b, : len(p.boxes)] = True
-        images = torch.stack([self.images.get(p.image) for p in problems]).float() / 255
+            region_mask[v, : len(p.boxes)] = True
+        images = torch.stack([self.images.get(problems[firsts_of[v]].image)
+                              for v in range(len(visual))]).float() / 255
         firsts, seconds, meta = [], [], []
         for b, p in enumerate(problems):
             for c, (words, regs) in enumerate(p.candidates or [([], [])]):
                 firsts.append(p.query)
                 seconds.append(words)
-                meta.append((b, c, p.query_regions, regs, len(p.query)))
+                meta.append((owner[b], c, p.query_regions, regs, len(p.query)))
         pair = any(seconds)
         enc = self.tokenizer(firsts, seconds if pair else None, is_split_into_words=True,
                              truncation=True, max_length=self.max_length, padding=True,

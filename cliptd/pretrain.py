@@ -165,7 +165,7 @@ def attribute_groups() -> tuple[tuple[str, ...], ...]:
 
 
 def pretrain_student(corpus: Path, out_dir: Path, tokenizer, cfg: PretrainConfig | None = None,
-                     *, progress: bool = True, log=None) -> Path:
+                     *, progress: bool = True, log=None, bar_position: int = 0) -> Path:
     """Pre-train and export a student folder (config, weights, tokenizer), atomically."""
     cfg = cfg or PretrainConfig()
     torch.manual_seed(cfg.seed)
@@ -179,7 +179,8 @@ def pretrain_student(corpus: Path, out_dir: Path, tokenizer, cfg: PretrainConfig
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5
                                               * (1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
     start = time.time()
-    bar = tqdm(range(cfg.steps), desc="pretrain student", disable=not progress)
+    bar = tqdm(range(cfg.steps), desc="pretrain student", disable=not progress,
+               position=bar_position)
     history = []
     model.train()
     groups = attribute_groups()

@@ -5,8 +5,9 @@
     python -m cliptd.report --task vcr --tracking-uri http://127.0.0.1:5000
 
 Reads the sweep's runs (experiment ``cliptd-<task>``, parent run tagged ``cliptd.sweep_id``)
-from any MLflow tracking URI. The ``phase=seeds`` runs give the comparison (final value =
-the last logged one, per seed): data conditions × methods, mean ± std over seeds and the
+from any MLflow tracking URI. The runs tagged ``cliptd.compare`` (each best config's seed
+runs: the seed re-runs plus the search's best trial, which is seed 0) give the comparison
+(final value = the last logged one, per seed): data conditions × methods, mean ± std over seeds and the
 relative gain over ``none``, as Markdown and CSV, plus two plots (accuracy against the shot
 level, gain over ``none`` on the shifted domain). The ``phase=search`` runs give the search's
 view (metric against ``distill.select_ratio_v`` and ``distill.weighting``). Every file is
@@ -102,6 +103,7 @@ def run_record(run) -> dict:
             "condition": t.get("condition") or f"{preset}-shots{shots}",
             "preset": preset, "shots": shots, "method": t.get("method", "?"),
             "seed": t.get("seed", ""), "phase": t.get("phase", ""),
+            "compare": t.get("cliptd.compare") == "true" or t.get("phase") == "seeds",
             # run.data.metrics holds each metric's latest value (highest step = last epoch)
             "metrics": dict(run.data.metrics), "params": dict(run.data.params)}
 
@@ -124,12 +126,12 @@ def load_runs(uri: str, task: str, experiment: str | None, sweep: str | None) ->
     children = [run_record(r) for r in _all_runs(
         c, exp.experiment_id, f"tags.`mlflow.parentRunId` = '{pid}'")]
     children.sort(key=lambda r: (r["preset"], shots_key(r["shots"]), r["method"], r["seed"]))
-    seeds = [r for r in children if r["phase"] == "seeds"]
+    seeds = [r for r in children if r["compare"]]
     done = [r for r in seeds if r["status"] == "FINISHED"]
     if not done:
         raise ReportError(f"sweep {parent.data.tags.get('cliptd.sweep_id', pid)!r} (run {pid}) "
-                          f"has no finished phase=seeds runs ({len(seeds)} seeds run(s), "
-                          f"{len(children)} child run(s) in all)")
+                          f"has no finished seed runs of a best config ({len(seeds)} tagged "
+                          f"cliptd.compare, {len(children)} child run(s) in all)")
     return {"client": c, "experiment": exp, "parent": parent, "seeds": done,
             "skipped": [r for r in seeds if r["status"] != "FINISHED"],
             "search": [r for r in children if r["phase"] == "search"]}
@@ -387,7 +389,7 @@ def main(argv=None) -> int:
           f"(parent run {res['parent_id']}): {len(res['seeds'])} seeds run(s), "
           f"{len(res['search'])} search run(s) ==")
     if res["skipped"]:
-        print(f"(left out {len(res['skipped'])} phase=seeds run(s) not FINISHED: "
+        print(f"(left out {len(res['skipped'])} seed run(s) not FINISHED: "
               f"{', '.join(sorted({r['status'] for r in res['skipped']}))})")
     print("\n== Comparison (mean ± std over seeds, %) ==")
     print(res["markdown"])

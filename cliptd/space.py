@@ -41,7 +41,7 @@ class Budget:
     reduction_factor: int = 2
     min_steps: int = 0
     max_concurrent: int = 0  # 0: sized from the cluster's resources
-    eval_limit: int = 0  # search trials evaluate on a fixed sample (0: all); seeds use all
+    eval_limit: int = 0  # epochs before the last evaluate on a fixed sample (0: all)
 
 
 @dataclass

@@ -62,7 +62,7 @@ DEFAULT_CONFIG = {
     "max_length": 64,
     "vqa_vocab": 100,
     "eval_batch_size": 128,
-    "eval_limit": 0,  # evaluate on a fixed sample of this many instances (0: all)
+    "eval_limit": 0,  # epochs before the last evaluate on a fixed sample of this many (0: all)
     "seed": 0,
     "threads": 0,  # torch intra-op threads per worker (0: torch's default)
     "tracking": None,  # {"uri":..., "run_id":...}: rank 0 logs per-epoch metrics to MLflow
@@ -114,6 +114,8 @@ class RunParts:
     train: list[Problem]
     eval: list[Problem]
     eval_groups: dict[str, set[str]]  # "id" / "shift" → instance ids
+    # eval_limit: the fixed sample that the epochs before the last evaluate on (None: all)
+    eval_sample: set[str] | None
     collate_train: Collator
     collate_eval: Collator
     vocab: list[str] | None
@@ -139,11 +141,12 @@ def build_run(cfg: dict) -> RunParts:
     if train_table.num_rows == 0:
         raise DataError(f"no training rows for shots={cfg['shots']} preset={cfg['preset']}")
     eval_table = data_mod.read_split(data, eval_split)
+    eval_ids = eval_table.column("id").to_pylist()
+    sample = None
     if cfg["eval_limit"] and eval_table.num_rows > cfg["eval_limit"]:
         # a fixed random sample (seed 0, not the run's seed): every trial sees the same rows
         keep = np.random.default_rng(0).permutation(eval_table.num_rows)[:cfg["eval_limit"]]
-        eval_table = eval_table.take(np.sort(keep))
-    eval_ids = eval_table.column("id").to_pylist()
+        sample = {eval_ids[i] for i in keep}
     groups = {"id": {i for i, m in zip(eval_ids, preset.train_mask(eval_table), strict=True) if m}}
     if cfg["preset"] != "none":
         groups["shift"] = {i for i, m in zip(eval_ids, preset.eval_mask(eval_table),
@@ -179,7 +182,7 @@ def build_run(cfg: dict) -> RunParts:
     num_outputs = outputs if task == "vqa" else 0
     return RunParts(
         task=CLIPTDTask(student, distill, teacher_dim), tokenizer=tokenizer, train=train,
-        eval=evals, eval_groups=groups,
+        eval=evals, eval_groups=groups, eval_sample=sample,
         collate_train=Collator(tokenizer, images, max_length=cfg["max_length"],
                                num_outputs=num_outputs, teacher=teacher),
         collate_eval=Collator(tokenizer, images, max_length=cfg["max_length"],
@@ -200,11 +203,18 @@ def to_device(batch: dict, device) -> dict:
 
 
 @torch.no_grad()
-def evaluate(task_module: CLIPTDTask, parts: RunParts, cfg: dict, device) -> dict:
+def evaluate(task_module: CLIPTDTask, parts: RunParts, cfg: dict, device,
+             sample: bool = False) -> dict:
     """Task metrics on the eval split, in-domain and shifted, as the official code computes
-    them (VCR Q→A, QA→R, Q→AR; SNLI-VE accuracy; VQA accuracy over 10 annotators)."""
+    them (VCR Q→A, QA→R, Q→AR; SNLI-VE accuracy; VQA accuracy over 10 annotators).
+
+    ``sample``: only the fixed ``eval_limit`` sample (cheap, for early stopping); the last
+    epoch always evaluates on the whole split, so a run's final numbers never depend on it."""
+    problems = parts.eval
+    if sample and parts.eval_sample is not None:
+        problems = [p for p in problems if p.id in parts.eval_sample]
     task_module.eval()
-    loader = DataLoader(parts.eval, batch_size=cfg["eval_batch_size"], shuffle=False,
+    loader = DataLoader(problems, batch_size=cfg["eval_batch_size"], shuffle=False,
                         collate_fn=parts.collate_eval)
     preds: dict[str, int] = {}
     for batch in loader:
@@ -212,9 +222,9 @@ def evaluate(task_module: CLIPTDTask, parts: RunParts, cfg: dict, device) -> dic
         for key, pred in zip(batch["keys"], scores.argmax(-1).tolist(), strict=True):
             preds[key] = pred
     task_module.train()
-    metrics = {}
+    metrics = {"val/instances": len({p.id for p in problems})}
     for group, ids in parts.eval_groups.items():
-        probs = [p for p in parts.eval if p.id in ids]
+        probs = [p for p in problems if p.id in ids]
         if not probs:
             continue
         for name, value in _task_metrics(cfg["task"], probs, preds, parts.vocab).items():
@@ -286,10 +296,15 @@ class RayRuntime:
         self._train, self._torch = ray.train, ray.train.torch
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        # nodes the run spans (Ray Train places the same number of workers on each node)
+        self.nodes = self.world // max(1, ctx.get_local_world_size())
         self.device = ray.train.torch.get_device()
 
     def prepare_model(self, model):
-        return self._torch.prepare_model(model)
+        # Parts of the task module sit idle in some runs (the distillation heads under
+        # `none`, a modality whose selection ratio is 0): DDP must not wait for their grads.
+        return self._torch.prepare_model(
+            model, parallel_strategy_kwargs={"find_unused_parameters": True})
 
     def prepare_loader(self, loader):
         return self._torch.prepare_data_loader(loader, move_to_device=False)
@@ -313,7 +328,7 @@ class LocalRuntime:
 
     def __init__(self, device: str = "cpu", resume_from: Path | None = None,
                  keep_dir: Path | None = None):
-        self.rank, self.world, self.device = 0, 1, torch.device(device)
+        self.rank, self.world, self.nodes, self.device = 0, 1, 1, torch.device(device)
         self.resume_from, self.keep_dir = resume_from, keep_dir
         self.history: list[dict] = []
 
@@ -416,9 +431,10 @@ def train_loop(config: dict, rt) -> None:
         metrics = {"epoch": epoch + 1, "step": step, "train/seconds": train_seconds,
                    "train/samples_per_s": seen * rt.world / max(train_seconds, 1e-9),
                    "train/effective_batch": per_worker * rt.world * cfg["grad_accum"],
+                   "train/workers": rt.world, "train/nodes": rt.nodes,
                    **{f"train/{k}": v for k, v in logs.items()}}
         if rt.rank == 0:
-            metrics.update(evaluate(module, parts, cfg, device))
+            metrics.update(evaluate(module, parts, cfg, device, sample=epoch + 1 < epochs))
         metrics["score"] = metrics.get(f"val/id/{PRIMARY_METRIC[cfg['task']]}", float("nan"))
         with tempfile.TemporaryDirectory() as tmp:
             folder = None

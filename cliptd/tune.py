@@ -10,6 +10,12 @@
 Each trial is a function (``train_driver_fn``) that launches a Ray Train ``TorchTrainer``
 (the same run ``cliptd.train`` does) and reports through ``TuneReportCallback``. Every trial
 is one MLflow child run under the sweep's parent run, found again by its trial id.
+
+Every search (and every seed re-run job) is its own ``Tuner``, run as a Ray task; as many run
+at once as the cluster has trial slots, so one search's early-stopped trials leave no slot
+idle. The search's best trial, when it ran every epoch, is also seed 0 of the comparison: its
+last epoch is evaluated on the whole eval split (earlier epochs on the ``eval_limit`` sample
+that ASHA compares on), exactly as a re-run would be.
 """
 
 from __future__ import annotations
@@ -26,27 +32,26 @@ import yaml
 
 from cliptd.cli import add_common_args, die, init_ray, resolve_storage, setup_embedded
 from cliptd.errors import DataError
-from cliptd.space import Space, SpaceError, apply_sample, describe, load_space, to_tune
+from cliptd.space import SpaceError, apply_sample, describe, load_space, to_tune
 from cliptd.table import comparison_rows, to_csv, to_markdown
 from cliptd.train import PRIMARY_METRIC, make_trainer, resolve_config
-
-META = "_cliptd"  # the trial config key holding sweep metadata (not a searched knob)
 
 
 def condition_name(shots, preset: str) -> str:
     return f"{preset}-shots{shots}"
 
 
-def train_driver_fn(config: dict) -> None:
-    """One Tune trial: resolve its config, open (or find) its MLflow run, fit a TorchTrainer."""
+def train_driver_fn(config: dict, meta: dict) -> None:
+    """One Tune trial: resolve its config, open (or find) its MLflow run, fit a TorchTrainer.
+
+    ``config`` holds only what Tune samples (the searched knobs, or the seed); ``meta`` (given
+    through ``tune.with_parameters``) holds the sweep's fixed settings and the base config."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from cliptd import tracking
 
-    meta = config[META]
-    sample = {k: v for k, v in config.items() if k != META}
-    cfg = resolve_config(apply_sample(meta["base"], sample))
+    cfg = resolve_config(apply_sample(meta["base"], config))
     ctx = ray.tune.get_context()
     trial_id = f"{meta['sweep_id']}/{ctx.get_trial_id()}"
     tags = {"task": cfg["task"], "condition": meta["condition"], "shots": cfg["shots"],
@@ -84,8 +89,16 @@ def package_versions() -> dict:
     return out
 
 
+class SweepError(RuntimeError):
+    """A sweep cannot go on (every trial of a search failed, ...): reported, exit 2."""
+
+
 def plan_resources(args, budget) -> dict:
-    """Trial concurrency and per-trial resources from what the cluster actually has."""
+    """Trial slots and per-trial resources from what the cluster actually has.
+
+    A trial is its driver (a Tune function, tiny) plus its Ray Train workers; ``slots`` trials
+    fit at once. Searches share the slots (see ``run_jobs``), so Ray's own resource
+    accounting is what keeps the cluster full and never oversubscribed."""
     import ray
 
     res = ray.cluster_resources()
@@ -95,28 +108,36 @@ def plan_resources(args, budget) -> dict:
         if gpus < args.gpus_per_worker * args.workers:
             die(f"a trial needs {args.workers} × {args.gpus_per_worker} GPUs; the cluster has "
                 f"{gpus:g}")
-        concurrency = int(gpus // (args.workers * args.gpus_per_worker))
+        slots = int(gpus // (args.workers * args.gpus_per_worker))
         cpus_per_worker = args.cpus_per_worker or 1
         driver_cpu = 0.5
     else:
-        concurrency = max(1, int(cpus // args.workers))
-        per_trial = cpus / concurrency
-        driver_cpu = min(0.5, per_trial * 0.2)
-        cpus_per_worker = args.cpus_per_worker or (per_trial - driver_cpu) / args.workers
+        slots = max(1, int(cpus // args.workers))
+        per_trial = cpus / slots
+        # a trial driver only waits on its TorchTrainer: a sliver of CPU, with room for a
+        # second (waiting) driver per slot, see run_jobs
+        driver_cpu = min(0.5, per_trial * 0.025)
+        cpus_per_worker = args.cpus_per_worker or (per_trial - 2 * driver_cpu) / args.workers
     if budget.max_concurrent:
-        concurrency = min(concurrency, budget.max_concurrent)
+        slots = min(slots, budget.max_concurrent)
     driver = {"CPU": driver_cpu}
+    task = {"num_cpus": 0}
     if on_head:
         driver["cliptd_driver"] = 0.01
-    return {"concurrency": max(1, concurrency), "driver": driver,
+        task["resources"] = {"cliptd_driver": 0.001}
+    return {"concurrency": max(1, slots), "driver": driver, "task": task,
             "cpus_per_worker": round(cpus_per_worker, 3)}
 
 
 def run_tuner(name: str, storage: str, param_space: dict, tune_config, resources: dict,
-              resume: bool):
+              meta: dict, resume: bool):
     import ray.tune
 
-    trainable = ray.tune.with_resources(train_driver_fn, resources["driver"])
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(train_driver_fn, meta=meta), resources["driver"])
+    # Tune registers trainables by name, cluster-wide per job: the sweep's jobs run at once,
+    # so each needs its own name or one job's trials would run with another's ``meta``.
+    trainable._name = f"train_driver_fn_{meta['phase']}_{meta['condition']}_{meta['method']}"
     path = f"{storage.rstrip('/')}/{name}"
     if resume and ray.tune.Tuner.can_restore(path):
         print(f"[cliptd] resuming {path}")
@@ -130,18 +151,23 @@ def run_tuner(name: str, storage: str, param_space: dict, tune_config, resources
     return tuner.fit()
 
 
-def search(space: Space, budget, base: dict, meta: dict, condition: str, method: str,
-           args, resources: dict, out: Path):
-    """Optuna (TPE, seeded, study in SQLite) + ASHA on `epoch`; returns the best sample."""
+def search(job: dict, concurrency: int) -> dict:
+    """Optuna (TPE, seeded, study in SQLite) + ASHA on `epoch` for one (condition, method).
+
+    Returns the best sample, the trials' records, and the best trial's record when it ran
+    every epoch: its last epoch evaluated on the whole eval split with seed 0, exactly what a
+    seed-0 re-run would give, so it stands as seed 0 of the comparison."""
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
+    space, budget, meta, args = job["space"], job["budget"], job["meta"], job["args"]
+    condition, method = job["condition"], job["method"]
     knobs = space.knobs_for(method)
     study = f"{meta['sweep_id']}-{condition}-{method}"
-    storage_url = f"sqlite:///{(out / 'optuna.db').resolve()}"
+    storage_url = f"sqlite:///{(job['out'] / 'optuna.db').resolve()}"
     params = to_tune(knobs)
     searcher = None
     if params:
@@ -149,37 +175,98 @@ def search(space: Space, budget, base: dict, meta: dict, condition: str, method:
             metric="score", mode="max", seed=args.searcher_seed, study_name=study,
             storage=optuna.storages.RDBStorage(storage_url),
             sampler=optuna.samplers.TPESampler(seed=args.searcher_seed)),
-            max_concurrent=resources["concurrency"])
+            max_concurrent=concurrency)
     scheduler = ASHAScheduler(time_attr="epoch", metric="score", mode="max",
                               max_t=budget.epochs, grace_period=budget.grace_period,
                               reduction_factor=budget.reduction_factor)
     tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                                   num_samples=budget.num_samples if params else 1,
-                                  max_concurrent_trials=resources["concurrency"])
-    meta = {**meta, "condition": condition, "phase": "search", "base": base}
+                                  max_concurrent_trials=None if searcher else concurrency)
+    meta = {**meta, "condition": condition, "method": method, "phase": "search",
+            "base": job["base"]}
     grid = run_tuner(f"{meta['sweep_id']}-search-{condition}-{method}", args.storage_path,
-                     {**params, META: meta}, tune_config, resources, args.resume)
+                     params, tune_config, job["resources"], meta, args.resume)
     ok = [r for r in grid if r.error is None and r.metrics and "score" in r.metrics
           and not math.isnan(r.metrics["score"])]
     if not ok:
-        die(f"every trial of {condition}/{method} failed: see {args.storage_path}")
+        raise SweepError(f"every trial of {condition}/{method} failed: see "
+                         f"{args.storage_path}/{meta['sweep_id']}-search-{condition}-{method}")
     best = max(ok, key=lambda r: (r.metrics.get("epoch", 0) >= budget.epochs,
                                   r.metrics["score"]))
-    sample = {k: v for k, v in best.config.items() if k != META}
-    return sample, grid
+    records = close_runs(grid, meta, "search")
+    # The search ran with the base seed (= its subset seed): its best trial, if it ran every
+    # epoch, is that seed's run of the best config, so it is not run twice.
+    base = resolve_config(job["base"])
+    reused = None
+    if best.metrics.get("epoch", 0) >= budget.epochs and base["seed"] == base["subset_seed"]:
+        reused = next(r for r in records if r["metrics"].get("trial_id") ==
+                      best.metrics.get("trial_id"))
+        reused["seed"] = base["seed"]
+        mark_compared(meta, reused)
+    return {"sample": dict(best.config), "trials": len(grid), "reused": reused}
 
 
-def rerun_seeds(budget, base: dict, meta: dict, condition: str, method: str, sample: dict,
-                args, resources: dict):
+def rerun_seeds(job: dict, concurrency: int) -> dict:
+    """The best config re-run with each seed the search did not already provide."""
     from ray import tune
 
-    seeds = list(range(budget.seeds))
-    meta = {**meta, "condition": condition, "phase": "seeds", "base": base}
-    space = {**sample, "seed": tune.grid_search(seeds), "subset_seed": tune.sample_from(
-        lambda spec: spec.config["seed"]), META: meta}
-    tune_config = tune.TuneConfig(max_concurrent_trials=resources["concurrency"])
-    return run_tuner(f"{meta['sweep_id']}-seeds-{condition}-{method}", args.storage_path,
-                     space, tune_config, resources, args.resume)
+    meta = {**job["meta"], "condition": job["condition"], "method": job["method"],
+            "phase": "seeds", "base": job["base"]}
+    space = {**job["sample"], "seed": tune.grid_search(job["seeds"]),
+             "subset_seed": tune.sample_from(lambda spec: spec.config["seed"])}
+    grid = run_tuner(f"{meta['sweep_id']}-seeds-{job['condition']}-{job['method']}",
+                     job["args"].storage_path, space,
+                     tune.TuneConfig(max_concurrent_trials=concurrency), job["resources"],
+                     meta, job["args"].resume)
+    records = close_runs(grid, meta, "seeds")
+    for rec in records:
+        if rec["error"] is None:
+            mark_compared(meta, rec)
+    return {"records": records}
+
+
+def run_job(job: dict, concurrency: int) -> dict:
+    """One search or seeds job, run as a Ray task so that several share the cluster."""
+    return search(job, concurrency) if job["kind"] == "search" else \
+        rerun_seeds(job, concurrency)
+
+
+def run_jobs(jobs: list[dict], resources: dict, on_done) -> None:
+    """Run the sweep's jobs as Ray tasks, as many at once as there are trial slots.
+
+    Each running job gets ``slots // running`` concurrent trials, and the last job in the
+    queue gets up to ``slots``: when the others end it can use their slots at once instead
+    of leaving them idle while its own trials run one by one. A trial beyond the free slots
+    waits for its workers, holding only its driver's sliver of CPU (``plan_resources``
+    reserves room for up to ``2 × slots`` drivers, the cap on trials in flight here), so
+    the workers never oversubscribe the machine and no trial can block another's workers.
+    ``on_done(job, result)`` may return follow-up jobs (a search's seed re-runs)."""
+    from collections import deque
+
+    import ray
+
+    slots = resources["concurrency"]
+    task = ray.remote(max_retries=0, **resources["task"])(run_job)
+    queue, running = deque(jobs), {}
+    while queue or running:
+        parallel = min(slots, len(queue) + len(running))
+        while queue and len(running) < parallel:
+            job = queue.popleft()
+            in_flight = sum(c for _, c in running.values())
+            wanted = slots if not queue else slots // parallel
+            concurrency = max(1, min(wanted, 2 * slots - in_flight))
+            running[task.remote(job, concurrency)] = (job, concurrency)
+        done, _ = ray.wait(list(running), num_returns=1)
+        job, _ = running.pop(done[0])
+        try:
+            result = ray.get(done[0])
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if isinstance(getattr(exc, "cause", None), Exception) else exc
+            for ref in running:
+                ray.cancel(ref, force=True)
+            die(f"{job['kind']} {job['condition']}/{job['method']}: "
+                f"{type(cause).__name__}: {cause}")
+        queue.extend(on_done(job, result) or [])
 
 
 def close_runs(grid, meta: dict, phase: str) -> list[dict]:
@@ -192,8 +279,9 @@ def close_runs(grid, meta: dict, phase: str) -> list[dict]:
         m = r.metrics or {}
         trial_id = f"{meta['sweep_id']}/{m['trial_id']}" if m.get("trial_id") else None
         cfg = r.config or {}
-        records.append({"phase": phase, "metrics": m, "config": cfg, "error": r.error,
-                        "seed": cfg.get("seed", 0)})
+        records.append({"phase": phase, "metrics": m, "config": cfg,
+                        "error": None if r.error is None else str(r.error),
+                        "seed": cfg.get("seed", 0), "trial_id": trial_id})
         if c is None or trial_id is None:
             continue
         runs = c.search_runs([meta["experiment_id"]],
@@ -208,6 +296,34 @@ def close_runs(grid, meta: dict, phase: str) -> list[dict]:
             if run.info.status == "RUNNING":
                 c.set_terminated(run.info.run_id, status=status)
     return records
+
+
+def mark_compared(meta: dict, record: dict) -> None:
+    """Tag the MLflow run whose final metrics count in the comparison (``cliptd.report``)."""
+    from cliptd import tracking
+
+    if not (meta.get("tracking_uri") and record.get("trial_id")):
+        return
+    c = tracking.client(meta["tracking_uri"])
+    for run in c.search_runs([meta["experiment_id"]], filter_string=(
+            f"tags.`cliptd.trial_id` = '{record['trial_id']}'")):
+        c.set_tag(run.info.run_id, "cliptd.compare", "true")
+
+
+def sweep_name(args) -> str:
+    """``--name``, else ``<task>-<budget>``: a new sweep when that one exists (so running
+    the main job twice never mixes two sweeps' runs), the latest one with ``--resume``."""
+    if args.name:
+        return args.name
+    base = f"{args.task}-{args.budget}"
+    if args.out is not None:
+        return base
+    runs = Path("runs")
+    taken = sorted((p for p in runs.glob(f"{base}*") if (p / "optuna.db").exists()),
+                   key=lambda p: p.stat().st_mtime)
+    if args.resume:
+        return taken[-1].name if taken else base
+    return base if not (runs / base).exists() else f"{base}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def write_best(out: Path, condition: str, method: str, base: dict, sample: dict) -> Path:
@@ -258,7 +374,7 @@ def main(argv=None) -> int:
         tracking.check_reachable(uri)
     except Exception as exc:  # noqa: BLE001 - report any failure to reach MLflow clearly
         die(f"MLflow tracking at {uri} is not usable: {exc}")
-    name = args.name or f"{args.task}-{args.budget}"
+    name = sweep_name(args)
     out = (args.out or Path("runs") / name).resolve()
     out.mkdir(parents=True, exist_ok=True)
     args.storage_path = resolve_storage(args.storage_path)
@@ -290,26 +406,52 @@ def main(argv=None) -> int:
                         "versions": versions, "base": base, "args": {
                             k: str(v) for k, v in vars(args).items()}}, "sweep.json")
     print(f"[cliptd] sweep {name}: {len(space.conditions())} condition(s) × {len(methods)} "
-          f"method(s), {budget.num_samples} trials each, then {budget.seeds} seeds; "
-          f"{resources['concurrency']} concurrent trial(s), {args.workers} worker(s) each")
-    records, summary = [], []
+          f"method(s), {budget.num_samples} trials each, then {budget.seeds} seed(s); "
+          f"{resources['concurrency']} trial(s) at once, {args.workers} worker(s) each")
+    jobs = []
     for shots, preset in space.conditions():
         condition = condition_name(shots, preset)
         cbase = {**base, **space.fixed, "shots": shots, "preset": preset,
                  "epochs": budget.epochs, "min_steps": budget.min_steps,
+                 "eval_limit": budget.eval_limit,
                  # one intra-op thread per CPU the worker holds: no oversubscription
                  "threads": max(1, int(resources["cpus_per_worker"]))}
         for method in methods:
             mbase = {**cbase, "distill": {**(cbase.get("distill") or {}), "method": method}}
-            sample, grid = search(space, budget, {**mbase, "eval_limit": budget.eval_limit},
-                                  meta, condition, method, args, resources, out)
-            close_runs(grid, meta, "search")
-            best_path = write_best(out, condition, method, mbase, sample)
-            seeds = rerun_seeds(budget, mbase, meta, condition, method, sample, args, resources)
-            for rec in close_runs(seeds, meta, "seeds"):
-                records.append({**rec, "condition": condition, "method": method})
-            summary.append({"condition": condition, "method": method, "best": best_path,
-                            "trials": len(grid), "sample": sample})
+            jobs.append({"kind": "search", "condition": condition, "method": method,
+                         "base": mbase, "space": space, "budget": budget, "meta": meta,
+                         "args": args, "resources": resources, "out": out})
+    records, summary = [], []
+
+    def on_done(job: dict, result: dict) -> list[dict]:
+        condition, method = job["condition"], job["method"]
+        if job["kind"] == "seeds":
+            records.extend({**rec, "condition": condition, "method": method}
+                           for rec in result["records"])
+            print(f"[cliptd] {condition}/{method}: seed re-runs done")
+            return []
+        best_path = write_best(out, condition, method, job["base"], result["sample"])
+        summary.append({"condition": condition, "method": method, "best": best_path,
+                        "trials": result["trials"], "sample": result["sample"]})
+        seeds = list(range(budget.seeds))
+        reused = result["reused"]
+        if reused is not None and reused["seed"] in seeds:
+            records.append({**reused, "condition": condition, "method": method})
+            seeds.remove(reused["seed"])
+        print(f"[cliptd] {condition}/{method}: search done ({result['trials']} trials), "
+              f"best config → {best_path}"
+              + (f"; re-running seeds {seeds}" if seeds else ""))
+        return [{**job, "kind": "seeds", "sample": result["sample"], "seeds": seeds}] \
+            if seeds else []
+
+    # The Optuna study database, created here once: the searches open it at the same time,
+    # and concurrent first opens race on creating its tables.
+    import optuna
+
+    optuna.storages.RDBStorage(f"sqlite:///{(out / 'optuna.db').resolve()}")
+    run_jobs(jobs, resources, on_done)
+    order = {(j["condition"], j["method"]): i for i, j in enumerate(jobs)}
+    summary.sort(key=lambda s: order[(s["condition"], s["method"])])
     primary = PRIMARY_METRIC[args.task]
     metric_rows = {f"in-domain {primary}": f"val/id/{primary}",
                    f"shifted {primary}": f"val/shift/{primary}"}

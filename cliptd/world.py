@@ -56,6 +56,7 @@ class World:
     teacher: TeacherSpec
     student: Path
     timings: dict[str, float]
+    teacher_caches: dict[str, Path] = field(default_factory=dict)  # task → train-split cache
 
 
 def _timed(timings: dict, name: str, fn):
@@ -65,9 +66,29 @@ def _timed(timings: dict, name: str, fn):
     return out
 
 
+def _pretrain_student_process(corpus: str, out_dir: str, synthetic: str, prepared: dict,
+                              cfg: dict, progress: bool) -> float:
+    """The student's pre-training in its own process (one thread), beside the teacher's."""
+    import torch
+
+    from cliptd.pretrain import PretrainConfig, pretrain_student
+
+    torch.set_num_threads(1)
+    start = time.time()
+    tokenizer = world_tokenizer(Path(synthetic), {k: Path(v) for k, v in prepared.items()})
+    pretrain_student(Path(corpus), Path(out_dir), tokenizer, PretrainConfig(**cfg),
+                     progress=progress, bar_position=1)
+    return time.time() - start
+
+
 def ensure_world(cache: Path | None = None, cfg: WorldConfig | None = None, *,
-                 tasks: tuple[str, ...] = ("vcr", "snli_ve", "vqa"), progress: bool = True,
+                 tasks: tuple[str, ...] = ("vcr", "snli_ve", "vqa"),
+                 caches_for: tuple[str, ...] = (), progress: bool = True,
                  log=print) -> World:
+    """Build what is missing: world, Parquet data, teacher, student, and the teacher caches
+    of ``caches_for``. The student pre-trains in a second process while this one
+    pre-trains the teacher and builds its caches: on a 2-core machine the two tiny models
+    run one thread each, side by side, instead of one after the other."""
     from cliptd.synthetic import generate_world
 
     cfg = cfg or WorldConfig()
@@ -91,29 +112,79 @@ def ensure_world(cache: Path | None = None, cfg: WorldConfig | None = None, *,
                        task, src, out, boxes=src / "boxes.json" if has_boxes else None,
                        domains=src / "domains.json"))
         prepared[task] = out
-    teacher_dir = root / f"teacher-{cfg.digest('teacher')}"
-    if not (teacher_dir / "open_clip_pytorch_model.bin").exists():
-        from cliptd.teacher import pretrain_tiny_teacher
-
-        log(f"[cliptd] pre-training the tiny CLIP teacher ({cfg.teacher.steps} steps) "
-            f"on {synthetic}/corpus/teacher.parquet")
-        _timed(timings, "teacher_pretrain", lambda: pretrain_tiny_teacher(
-            Path(synthetic) / "corpus" / "teacher.parquet", teacher_dir, cfg.teacher,
-            progress=progress))
     student_dir = root / f"student-{cfg.digest('student')}"
+    student_job = None
+    started = time.time()
     if not (student_dir / "student.pt").exists():
-        from cliptd.pretrain import PretrainConfig, pretrain_student
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
         log(f"[cliptd] pre-training the student ({cfg.student_steps} steps, MLM + ITM) on "
-            f"{synthetic}/corpus/student.parquet")
-        tokenizer = world_tokenizer(Path(synthetic), prepared)
-        _timed(timings, "student_pretrain", lambda: pretrain_student(
-            Path(synthetic) / "corpus" / "student.parquet", student_dir, tokenizer,
-            PretrainConfig(student=cfg.student, steps=cfg.student_steps, seed=cfg.seed),
-            progress=progress))
-    return World(root=root, synthetic=Path(synthetic), data=prepared,
-                 teacher=embedded_teacher_spec(teacher_dir), student=student_dir,
-                 timings=timings)
+            f"{synthetic}/corpus/student.parquet, in a second process")
+        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        student_job = pool.submit(
+            _pretrain_student_process, str(Path(synthetic) / "corpus" / "student.parquet"),
+            str(student_dir), str(synthetic), {k: str(v) for k, v in prepared.items()},
+            {"student": cfg.student, "steps": cfg.student_steps, "seed": cfg.seed}, progress)
+    try:
+        teacher_dir = root / f"teacher-{cfg.digest('teacher')}"
+        if not (teacher_dir / "open_clip_pytorch_model.bin").exists():
+            from cliptd.teacher import pretrain_tiny_teacher
+
+            log(f"[cliptd] pre-training the tiny CLIP teacher ({cfg.teacher.steps} steps) "
+                f"on {synthetic}/corpus/teacher.parquet")
+            _timed(timings, "teacher_pretrain", lambda: _one_thread_while(
+                student_job, lambda: pretrain_tiny_teacher(
+                    Path(synthetic) / "corpus" / "teacher.parquet", teacher_dir, cfg.teacher,
+                    progress=progress)))
+        teacher = embedded_teacher_spec(teacher_dir)
+        caches = {}
+        for task in caches_for:
+            caches[task] = _timed(timings, f"teacher_cache_{task}", lambda task=task: (
+                _one_thread_while(student_job, lambda: ensure_teacher_cache(
+                    root, teacher, task, prepared[task]))))
+        if student_job is not None:
+            timings["student_pretrain"] = round(student_job.result(), 1)
+            timings["student_wait"] = round(time.time() - started, 1)
+    finally:
+        if student_job is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return World(root=root, synthetic=Path(synthetic), data=prepared, teacher=teacher,
+                 student=student_dir, timings=timings, teacher_caches=caches)
+
+
+def _one_thread_while(job, fn):
+    """Run ``fn`` with one torch thread while ``job`` (the student process) runs."""
+    import torch
+
+    if job is None or job.done():
+        return fn()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def ensure_teacher_cache(root: Path, teacher: TeacherSpec, task: str, folder: Path) -> Path:
+    """The teacher's cache of ``task``'s train split, built once per (teacher, dataset)."""
+    from cliptd.dataset import problems_from_table
+    from cliptd.teacher import Teacher
+    from cliptd.teacher_cache import build_cache, cache_key
+    from cliptd.train import DEFAULT_CONFIG
+
+    model = Teacher.load(teacher)
+    manifest = data_mod.load_manifest(folder)
+    key = cache_key(model.fingerprint(), manifest["version"], "train", task)
+    out = root / "teacher_cache"
+    if not (out / key / "_SUCCESS").exists():
+        table = data_mod.read_split(folder, "train")
+        vocab = data_mod.answer_vocab(table, DEFAULT_CONFIG["vqa_vocab"]) \
+            if task == "vqa" else None
+        problems = problems_from_table(task, table, Path(manifest["image_root"]), vocab)
+        build_cache(model, task, problems, out, key, vocab=vocab)
+    return out / key
 
 
 def world_tokenizer(synthetic: Path, prepared: dict[str, Path]):

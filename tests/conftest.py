@@ -30,3 +30,9 @@ def tiny_world(tmp_path_factory):
     return ensure_world(tmp_path_factory.mktemp("world"), WorldConfig(
         scale=0.03, teacher=TeacherPretrainConfig(steps=5, batch_size=32), student_steps=5),
         progress=False, log=lambda *a, **k: None)
+
+
+@pytest.fixture(scope="session")
+def world_cache(tmp_path_factory):
+    """One embedded world (budget small) shared by the CLI tests: built by the first run."""
+    return tmp_path_factory.mktemp("cliptd-cache")

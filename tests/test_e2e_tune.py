@@ -12,14 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from _cli import run_cli
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def world_cache(tmp_path_factory):
-    """One embedded world (budget small) shared by the CLI tests: built by the first run."""
-    return tmp_path_factory.mktemp("cliptd-cache")
 
 
 def _cmd(tmp: Path, cache: Path, *extra: str):
@@ -44,19 +39,30 @@ def _trial_runs(tmp: Path):
 
 def test_tune_cli_records_every_trial(tmp_path, world_cache):
     cmd, env = _cmd(tmp_path, world_cache, "--methods", "none,cliptd", "--name", "e2e")
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_cli(cmd, env, tmp_path, 720, tmp_path / "tune.log")
+    assert proc.returncode == 0, proc.stdout[-4000:]
     out = proc.stdout
     assert "== Comparison" in out and "mlflow ui --backend-store-uri" in out
     assert "--host 127.0.0.1" in out
-    _, parents, trials = _trial_runs(tmp_path)
+    client, parents, trials = _trial_runs(tmp_path)
     assert len(parents) == 1
-    # small budget: 2 search trials per method (none searches lr, weight decay, warm-up),
-    # then 1 seed re-run each
+    # small budget: 2 search trials per method (none searches lr, weight decay, warm-up);
+    # the best one, having run every epoch, is seed 0; then seed 1 is re-run
     search = [r for r in trials if r.data.tags["phase"] == "search"]
     seeds = [r for r in trials if r.data.tags["phase"] == "seeds"]
     assert len(search) == 4 and len(seeds) == 2
+    # the two searches ran at once, each with its own method (trainables named apart)
+    assert sorted(r.data.tags["method"] for r in search) == ["cliptd"] * 2 + ["none"] * 2
+    assert sorted(r.data.params["distill.method"] for r in search) == ["cliptd"] * 2 + \
+        ["none"] * 2
+    assert {r.data.tags["seed"] for r in seeds} == {"1"}
+    compared = [r for r in trials if r.data.tags.get("cliptd.compare") == "true"]
+    assert sorted((r.data.tags["method"], r.data.tags["seed"]) for r in compared) == [
+        ("cliptd", "0"), ("cliptd", "1"), ("none", "0"), ("none", "1")]
+    for r in compared:  # the epoch before the last scored the eval_limit sample, the last all
+        counts = [m.value for m in sorted(client.get_metric_history(
+            r.info.run_id, "val/instances"), key=lambda m: m.step)]
+        assert counts == [40, 100], counts
     assert len({r.data.tags["cliptd.trial_id"] for r in trials}) == len(trials)
     for r in trials:
         assert r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
@@ -96,9 +102,8 @@ def test_driver_sigkill_then_resume(tmp_path, world_cache):
                    capture_output=True, timeout=120)
     cmd, env = _cmd(tmp_path, world_cache, "--methods", "cliptd", "--name", "killed",
                     "--resume")
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=1200)
-    assert done.returncode == 0, done.stderr[-4000:]
+    done = run_cli(cmd, env, tmp_path, 600, tmp_path / "resume.log")
+    assert done.returncode == 0, done.stdout[-4000:]
     assert "resuming" in done.stdout
     client, parents, trials = _trial_runs(tmp_path)
     assert len(parents) == 1, "a resumed sweep reuses its parent run"

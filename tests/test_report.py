@@ -42,10 +42,11 @@ def _metrics(cond, method, seed, epochs=3):
 
 
 def _child(c, exp, parent, sweep, cond, method, seed, phase, status="FINISHED", params=None,
-           metrics=None):
+           metrics=None, compare=False):
     shots, _ = CONDITIONS[cond]
     run = c.create_run(exp, run_name=f"{cond}/{method}/{phase}{seed}", tags={
         "mlflow.parentRunId": parent, "cliptd.kind": "trial",
+        **({"cliptd.compare": "true"} if compare else {}),
         "cliptd.trial_id": f"{sweep}/{cond}-{method}-{phase}-{seed}", "task": "vcr",
         "condition": cond, "shots": shots, "preset": "synthetic", "method": method,
         "seed": str(seed), "subset_seed": str(seed), "phase": phase, "sweep": sweep})
@@ -83,7 +84,9 @@ def store(tmp_path_factory):
     for cond in CONDITIONS:
         for method in METHODS:
             for seed in SEED_OFFSET:
-                _child(c, exp, parent, "vcr-test", cond, method, seed, "seeds")
+                # seed 0 is the search's best trial (tagged), the others are re-runs
+                _child(c, exp, parent, "vcr-test", cond, method, seed,
+                       "search" if seed == 0 else "seeds", compare=seed == 0)
     # a failed seeds run with absurd values: left out of the table
     _child(c, exp, parent, "vcr-test", "synthetic-shots0.05", "cliptd", 3, "seeds",
            status="FAILED", metrics=[report_metric("val/id/q_a", 0.0)])
@@ -186,7 +189,7 @@ def test_older_sweep_by_name(store, tmp_path, capsys):
     (["--experiment", "nope"], "no MLflow experiment 'nope'"),
     (["--experiment", "cliptd-nosweep"], "no sweep"),
     (["--sweep", "missing"], "no sweep 'missing'"),
-    (["--experiment", "cliptd-empty"], "no finished phase=seeds runs"),
+    (["--experiment", "cliptd-empty"], "no finished seed runs of a best config"),
 ])
 def test_errors(store, tmp_path, capsys, args, message):
     rc = report.main(["--task", "vcr", "--tracking-uri", store["uri"], "--out", str(tmp_path),

@@ -34,7 +34,7 @@ def teacher(tiny_world):
 
 @pytest.fixture(scope="module")
 def built(tiny_world, vcr, teacher, tmp_path_factory):
-    """The VCR train cache, built as ``cliptd.cli.setup_embedded`` builds it."""
+    """The VCR train cache, built as ``cliptd.world.ensure_teacher_cache`` builds it."""
     key = cache_key(teacher.fingerprint(), vcr["manifest"]["version"], "train", "vcr")
     root = tmp_path_factory.mktemp("teacher_cache")
     folder = build_cache(teacher, "vcr", vcr["problems"], root, key, progress=False)
@@ -218,14 +218,19 @@ def test_collate(parts):
     B, N = len(problems), len(problems) * C
     R = max(len(p.boxes) for p in problems)
     L = batch["input_ids"].shape[1]
-    assert batch["images"].shape == (B, 3, 64, 64)
+    # one visual entry per distinct (image, boxes), in order of first use
+    owners: dict = {}
+    owner = [owners.setdefault((p.image, p.boxes.tobytes()), len(owners)) for p in problems]
+    V = len(owners)
+    assert batch["images"].shape == (V, 3, 64, 64)
     assert batch["images"].dtype == torch.float32
     assert 0 <= batch["images"].min() and batch["images"].max() <= 1
-    assert batch["boxes"].shape == (B, R, 4)
-    assert batch["region_mask"].sum(1).tolist() == [len(p.boxes) for p in problems]
+    assert batch["boxes"].shape == (V, R, 4)
+    first = {o: problems[owner.index(o)] for o in range(V)}
+    assert batch["region_mask"].sum(1).tolist() == [len(first[o].boxes) for o in range(V)]
     assert batch["input_ids"].shape == batch["attention_mask"].shape == \
         batch["token_regions"].shape == (N, L)
-    assert batch["image_index"].tolist() == [b for b in range(B) for _ in range(C)]
+    assert batch["image_index"].tolist() == [owner[b] for b in range(B) for _ in range(C)]
     labels = [p.label for p in problems]
     assert batch["labels"].tolist() == labels
     assert batch["gold_row"].tolist() == [b * C + labels[b] for b in range(B)]
@@ -234,7 +239,7 @@ def test_collate(parts):
     t = batch["teacher"]
     D = 96
     assert t["region_emb"].shape == (B, R, D)
-    assert torch.equal(t["region_mask"], batch["region_mask"])
+    assert t["region_mask"].sum(1).tolist() == [len(p.boxes) for p in problems]
     assert t["rel_v"].shape == (B, R)
     assert t["token_words"].shape == (B, L, D) and t["token_mask"].shape == (B, L)
     assert t["rel_t"].shape == (B, L)
@@ -279,3 +284,15 @@ def test_collated_batch_trains(parts):
     assert task.distiller.proj_v.weight.grad.abs().sum() > 0
     assert task.distiller.proj_t.weight.grad.abs().sum() > 0
     task.zero_grad(set_to_none=True)
+
+
+def test_shared_images_are_encoded_once_with_the_same_scores(parts):
+    """VCR's Q→A and QA→R problems of a question share one image entry in a batch; the
+    scores are those of each problem collated alone."""
+    problems = parts.eval[:8]
+    batch = parts.collate_eval(problems)
+    assert batch["images"].shape[0] < len(problems)  # both heads of a question share it
+    task = parts.task.eval()
+    together = task.predict(batch)
+    alone = torch.cat([task.predict(parts.collate_eval([p])) for p in problems])
+    assert torch.allclose(together, alone, atol=1e-5)
