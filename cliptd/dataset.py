@@ -143,18 +143,22 @@ class Collator:
         R = max(len(p.boxes) for p in problems)
         # One visual entry per distinct (image, boxes): VCR's Q→A and QA→R problems of a
         # question share theirs, so the region backbone runs once for both.
-        visual: dict[tuple, int] = {}
-        owner = [visual.setdefault((p.image, p.boxes.tobytes()), len(visual)) for p in problems]
-        firsts_of = {v: b for b, v in reversed(list(enumerate(owner)))}
+        index: dict[tuple, int] = {}
+        visual: list[Problem] = []  # the first problem of each distinct (image, boxes)
+        owner = []  # problem → its visual entry
+        for p in problems:
+            key = (p.image, p.boxes.tobytes())
+            if key not in index:
+                index[key] = len(visual)
+                visual.append(p)
+            owner.append(index[key])
         boxes = torch.zeros(len(visual), R, 4)
         region_mask = torch.zeros(len(visual), R, dtype=torch.bool)
-        for v, b in firsts_of.items():
-            p = problems[b]
+        for v, p in enumerate(visual):
             boxes[v, : len(p.boxes)] = resize_boxes(torch.from_numpy(p.boxes), p.width,
                                                     p.height, size)
             region_mask[v, : len(p.boxes)] = True
-        images = torch.stack([self.images.get(problems[firsts_of[v]].image)
-                              for v in range(len(visual))]).float() / 255
+        images = torch.stack([self.images.get(p.image) for p in visual]).float() / 255
         firsts, seconds, meta = [], [], []
         for b, p in enumerate(problems):
             for c, (words, regs) in enumerate(p.candidates or [([], [])]):

@@ -137,7 +137,7 @@ def run_tuner(name: str, storage: str, param_space: dict, tune_config, resources
         ray.tune.with_parameters(train_driver_fn, meta=meta), resources["driver"])
     # Tune registers trainables by name, cluster-wide per job: the sweep's jobs run at once,
     # so each needs its own name or one job's trials would run with another's ``meta``.
-    trainable._name = f"train_driver_fn_{meta['phase']}_{meta['condition']}_{meta['method']}"
+    trainable.__name__ = f"train_driver_fn_{meta['phase']}_{meta['condition']}_{meta['method']}"
     path = f"{storage.rstrip('/')}/{name}"
     if resume and ray.tune.Tuner.can_restore(path):
         print(f"[cliptd] resuming {path}")
@@ -167,13 +167,12 @@ def search(job: dict, concurrency: int) -> dict:
     condition, method = job["condition"], job["method"]
     knobs = space.knobs_for(method)
     study = f"{meta['sweep_id']}-{condition}-{method}"
-    storage_url = f"sqlite:///{(job['out'] / 'optuna.db').resolve()}"
     params = to_tune(knobs)
     searcher = None
     if params:
         searcher = ConcurrencyLimiter(OptunaSearch(
             metric="score", mode="max", seed=args.searcher_seed, study_name=study,
-            storage=optuna.storages.RDBStorage(storage_url),
+            storage=optuna.storages.RDBStorage(job["study_url"]),
             sampler=optuna.samplers.TPESampler(seed=args.searcher_seed)),
             max_concurrent=concurrency)
     scheduler = ASHAScheduler(time_attr="epoch", metric="score", mode="max",
@@ -408,6 +407,7 @@ def main(argv=None) -> int:
     print(f"[cliptd] sweep {name}: {len(space.conditions())} condition(s) × {len(methods)} "
           f"method(s), {budget.num_samples} trials each, then {budget.seeds} seed(s); "
           f"{resources['concurrency']} trial(s) at once, {args.workers} worker(s) each")
+    study_url = f"sqlite:///{out / 'optuna.db'}"  # every search's Optuna study
     jobs = []
     for shots, preset in space.conditions():
         condition = condition_name(shots, preset)
@@ -420,7 +420,7 @@ def main(argv=None) -> int:
             mbase = {**cbase, "distill": {**(cbase.get("distill") or {}), "method": method}}
             jobs.append({"kind": "search", "condition": condition, "method": method,
                          "base": mbase, "space": space, "budget": budget, "meta": meta,
-                         "args": args, "resources": resources, "out": out})
+                         "args": args, "resources": resources, "study_url": study_url})
     records, summary = [], []
 
     def on_done(job: dict, result: dict) -> list[dict]:
@@ -448,7 +448,7 @@ def main(argv=None) -> int:
     # and concurrent first opens race on creating its tables.
     import optuna
 
-    optuna.storages.RDBStorage(f"sqlite:///{(out / 'optuna.db').resolve()}")
+    optuna.storages.RDBStorage(study_url)
     run_jobs(jobs, resources, on_done)
     order = {(j["condition"], j["method"]): i for i, j in enumerate(jobs)}
     summary.sort(key=lambda s: order[(s["condition"], s["method"])])
@@ -473,7 +473,7 @@ def main(argv=None) -> int:
     print(md)
     print(f"MLflow: {tracking.ui_command(uri)}   (experiment cliptd-{args.task}, "
           f"parent run {parent})")
-    print(f"Optuna: optuna-dashboard sqlite:///{out / 'optuna.db'} --host 127.0.0.1")
+    print(f"Optuna: optuna-dashboard {study_url} --host 127.0.0.1")
     print(f"Outputs: {out}   wall time {time.time() - start:.0f} s")
     (out / "summary.json").write_text(json.dumps(
         {"summary": [{**s, "best": str(s["best"])} for s in summary],

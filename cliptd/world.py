@@ -139,10 +139,14 @@ def ensure_world(cache: Path | None = None, cfg: WorldConfig | None = None, *,
                     progress=progress)))
         teacher = embedded_teacher_spec(teacher_dir)
         caches = {}
-        for task in caches_for:
-            caches[task] = _timed(timings, f"teacher_cache_{task}", lambda task=task: (
-                _one_thread_while(student_job, lambda: ensure_teacher_cache(
-                    root, teacher, task, prepared[task]))))
+        if caches_for:
+            from cliptd.teacher import Teacher
+
+            model = Teacher.load(teacher)  # once: its fingerprint keys every cache
+            for task in caches_for:
+                caches[task] = _timed(timings, f"teacher_cache_{task}", lambda task=task: (
+                    _one_thread_while(student_job, lambda: ensure_teacher_cache(
+                        root, model, task, prepared[task]))))
         if student_job is not None:
             timings["student_pretrain"] = round(student_job.result(), 1)
             timings["student_wait"] = round(time.time() - started, 1)
@@ -167,14 +171,13 @@ def _one_thread_while(job, fn):
         torch.set_num_threads(threads)
 
 
-def ensure_teacher_cache(root: Path, teacher: TeacherSpec, task: str, folder: Path) -> Path:
-    """The teacher's cache of ``task``'s train split, built once per (teacher, dataset)."""
+def ensure_teacher_cache(root: Path, model, task: str, folder: Path) -> Path:
+    """The cache of a loaded ``Teacher`` on ``task``'s train split, built once per
+    (teacher, dataset)."""
     from cliptd.dataset import problems_from_table
-    from cliptd.teacher import Teacher
     from cliptd.teacher_cache import build_cache, cache_key
     from cliptd.train import DEFAULT_CONFIG
 
-    model = Teacher.load(teacher)
     manifest = data_mod.load_manifest(folder)
     key = cache_key(model.fingerprint(), manifest["version"], "train", task)
     out = root / "teacher_cache"
