@@ -8,8 +8,6 @@ import os
 import sys
 from pathlib import Path
 
-from cliptd.world import WorldConfig, default_cache_dir
-
 # Offline by default: a pretrained='openai' request would otherwise retry for ~50 s.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -61,8 +59,11 @@ def resolve_storage(path: str) -> str:
     return path if "://" in str(path) else str(Path(path).resolve())
 
 
-def world_config(args) -> WorldConfig:
+def world_config(args):
+    # imported here: the world's modules pull in torch and the models, which the processes
+    # that only launch runs (trial drivers) never need
     from cliptd.teacher import TeacherPretrainConfig
+    from cliptd.world import WorldConfig
 
     b = WORLD_BUDGETS[args.budget]
     return WorldConfig(scale=b["scale"], teacher=TeacherPretrainConfig(steps=b["teacher_steps"]),
@@ -71,7 +72,7 @@ def world_config(args) -> WorldConfig:
 
 def setup_embedded(args, tasks) -> tuple:
     """Build (or reuse) the embedded world and a teacher cache per task's train split."""
-    from cliptd.world import ensure_world
+    from cliptd.world import default_cache_dir, ensure_world
 
     world = ensure_world(args.cache or default_cache_dir(), world_config(args), tasks=TASKS,
                          caches_for=tuple(tasks))
@@ -90,6 +91,10 @@ def init_ray(args, **kwargs) -> None:
     if args.address:
         ray.init(address=args.address, **kwargs)
     else:
+        # One local node cannot be preempted, so Ray Train's per-run preemption watcher (an
+        # extra process per trial, ~3 s of a core to start) only slows every trial; on a
+        # cluster (--address) it stays on, for spot nodes.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # Loopback only: nothing of the local Ray instance listens beyond this machine (Ray
         # rewrites 127.0.0.1 to the routable address, other loopback addresses it keeps). The
         # dashboard process also serves the state API that Train V2's controller polls.

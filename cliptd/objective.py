@@ -10,72 +10,12 @@ computes the bracket from the student's states and the cached teacher targets.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-METHODS = ("none", "naive", "cliptd")
-CHOICES = {
-    "method": METHODS,
-    "select_by": ("relevance", "random", "all"),
-    "weighting": ("confidence", "threshold", "uniform"),
-    "weight_norm": ("none", "batch_mean"),
-    "schedule": ("constant", "linear", "cosine", "warmup"),
-    "distance": ("cosine", "l2", "l1", "smooth_l1"),
-    "text_target": ("pooled", "tokens"),
-    "modalities": ("both", "visual", "text"),
-}
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    method: str = "cliptd"
-    select_by: str = "relevance"
-    select_ratio_v: float = 0.5  # ρ for region tokens
-    select_ratio_t: float = 0.5  # ρ for text tokens
-    weighting: str = "confidence"
-    # Confidence weights average well below 1 with a mediocre teacher, which silently
-    # shrinks λ; "batch_mean" rescales them to mean 1 so λ keeps its meaning.
-    weight_norm: str = "batch_mean"
-    lam: float = 1.0
-    schedule: str = "constant"
-    warmup_frac: float = 0.1  # for schedule=warmup: share of steps ramping λ up
-    distance: str = "cosine"
-    text_target: str = "pooled"
-    modalities: str = "both"
-
-    def __post_init__(self):
-        for name, allowed in CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"distill.{name}={getattr(self, name)!r}; choose from {allowed}")
-        for name in ("select_ratio_v", "select_ratio_t"):
-            if not 0 < getattr(self, name) <= 1:
-                raise ValueError(f"distill.{name} must be in (0, 1], got {getattr(self, name)}")
-        if self.lam < 0 or not 0 <= self.warmup_frac < 1:
-            raise ValueError("distill.lam must be >= 0 and distill.warmup_frac in [0, 1)")
-
-    @classmethod
-    def from_dict(cls, data: dict) -> DistillConfig:
-        allowed = {f.name for f in fields(cls)}
-        unknown = set(data) - allowed
-        if unknown:
-            raise ValueError(f"unknown distill knobs {sorted(unknown)}; known: {sorted(allowed)}")
-        return cls(**data).resolved()
-
-    def resolved(self) -> DistillConfig:
-        """Apply the method presets: ``none`` has no teacher term, ``naive`` distils every
-        token with uniform weight and constant λ, ``cliptd`` uses the knobs as given."""
-        if self.method == "naive":
-            return replace(self, select_by="all", weighting="uniform", schedule="constant",
-                           weight_norm="none")
-        if self.method == "none":
-            return replace(self, lam=0.0)
-        return self
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+from cliptd.config import DistillConfig
 
 
 def lambda_at(cfg: DistillConfig, progress: float) -> float:

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from cliptd.objective import CHOICES, DistillConfig
-from cliptd.train import DEFAULT_CONFIG, parse_shots
+from cliptd.config import CHOICES, DEFAULT_CONFIG, DistillConfig, parse_shots
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "tune_spaces"
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "randint")
@@ -189,7 +188,7 @@ def load_space(task_or_path: str | Path) -> Space:
         _check_knob(path, name, spec)
     fixed = raw.get("fixed") or {}
     try:
-        from cliptd.train import resolve_config
+        from cliptd.config import resolve_config
 
         resolve_config({k: v for k, v in fixed.items()} | {"task": task})
     except ValueError as exc:

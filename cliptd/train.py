@@ -13,7 +13,6 @@ resume from the latest one.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import random
@@ -30,77 +29,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from cliptd import data as data_mod
+from cliptd.config import HEAD, PRIMARY_METRIC, DistillConfig, parse_shots, resolve_config
 from cliptd.dataset import EVAL_SPLIT, Collator, ImageStore, Problem, problems_from_table
 from cliptd.errors import DataError
+from cliptd.launch import make_trainer
 from cliptd.metrics import accuracy, vcr_metrics, vqa_accuracy
-from cliptd.objective import DistillConfig
 from cliptd.student import StudentConfig, VLStudent, build_word_tokenizer, load_student
 from cliptd.task import CLIPTDTask
 from cliptd.teacher_cache import load_cache
 
 CHECKPOINT_FORMAT = "cliptd-checkpoint-v1"
-PRIMARY_METRIC = {"vcr": "q_a", "snli_ve": "acc", "vqa": "vqa_acc"}
-HEAD = {"vcr": ("multiple_choice", 1), "snli_ve": ("classify", 3), "vqa": ("vqa", None)}
-
-DEFAULT_CONFIG = {
-    "task": "vcr",
-    "data": None,  # prepared dataset folder
-    "eval_split": None,  # default: the task's usual eval split
-    "shots": 1.0,  # fraction of the train split, or "k<N>" for N per class
-    "subset_seed": 0,
-    "preset": "none",  # domain-shift preset (cliptd.data.DOMAIN_PRESETS)
-    "student": "visualbert-tiny",  # pretrained student folder, or a shipped config name
-    "teacher_cache": None,  # teacher-cache folder (None: no distillation possible)
-    "distill": DistillConfig().as_dict(),
-    "lr": 3e-4,
-    "weight_decay": 0.01,
-    "warmup_frac": 0.1,
-    "batch_size": 32,
-    "grad_accum": 1,
-    "epochs": 4,
-    "min_steps": 0,  # low-shot runs: at least this many optimizer steps in all
-    "max_length": 64,
-    "vqa_vocab": 100,
-    "eval_batch_size": 128,
-    "eval_limit": 0,  # epochs before the last evaluate on a fixed sample of this many (0: all)
-    "seed": 0,
-    "threads": 0,  # torch intra-op threads per worker (0: torch's default)
-    "tracking": None,  # {"uri":..., "run_id":...}: rank 0 logs per-epoch metrics to MLflow
-    "fault": None,  # {"exit_at_step": n, "marker": path}: fault injection for tests
-}
-
-
-def resolve_config(overrides: dict) -> dict:
-    """Defaults + overrides, validated; the result is what gets recorded everywhere."""
-    unknown = set(overrides) - set(DEFAULT_CONFIG)
-    if unknown:
-        raise ValueError(f"unknown config keys {sorted(unknown)}; known: {sorted(DEFAULT_CONFIG)}")
-    cfg = copy.deepcopy(DEFAULT_CONFIG)
-    for k, v in overrides.items():
-        if k == "distill" and v is not None:
-            cfg["distill"] = {**cfg["distill"], **v}
-        else:
-            cfg[k] = v
-    if cfg["task"] not in PRIMARY_METRIC:
-        raise ValueError(f"unknown task {cfg['task']!r}; known: {sorted(PRIMARY_METRIC)}")
-    cfg["distill"] = DistillConfig.from_dict(cfg["distill"]).as_dict()
-    parse_shots(cfg["shots"])
-    for key in ("lr", "batch_size", "epochs", "grad_accum"):
-        if not (isinstance(cfg[key], (int, float)) and cfg[key] > 0):
-            raise ValueError(f"{key} must be > 0, got {cfg[key]!r}")
-    return cfg
-
-
-def parse_shots(shots) -> dict:
-    if isinstance(shots, str) and shots.startswith("k") and shots[1:].isdigit():
-        return {"kshot": int(shots[1:])}
-    try:
-        frac = float(shots)
-    except (TypeError, ValueError):
-        raise ValueError(f"shots must be a fraction in (0, 1] or 'k<N>', got {shots!r}") from None
-    if not 0 < frac <= 1:
-        raise ValueError(f"shots must be a fraction in (0, 1] or 'k<N>', got {shots!r}")
-    return {"fraction": frac}
 
 
 # --------------------------------------------------------------------------------------
@@ -362,12 +300,8 @@ def epoch_batches(loader, n_batches: int, epoch: int):
         rep += 1
 
 
-def train_fn_per_worker(config: dict) -> None:
-    """Ray Train's entry point on every worker."""
-    train_loop(config, RayRuntime())
-
-
 def train_loop(config: dict, rt) -> None:
+    launched = time.time()
     cfg = resolve_config(config)
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
@@ -410,6 +344,7 @@ def train_loop(config: dict, rt) -> None:
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     fault = cfg["fault"] or {}
     model.train()
+    setup_seconds = time.time() - launched  # data, model, resume: what every (re)start pays
     for epoch in range(start_epoch, epochs):
         t0, seen, logs = time.time(), 0, {}
         for i, batch in enumerate(epoch_batches(loader, batches_per_epoch, epoch)):
@@ -433,8 +368,12 @@ def train_loop(config: dict, rt) -> None:
                    "train/effective_batch": per_worker * rt.world * cfg["grad_accum"],
                    "train/workers": rt.world, "train/nodes": rt.nodes,
                    **{f"train/{k}": v for k, v in logs.items()}}
+        if epoch == start_epoch:
+            metrics["time/setup_s"] = setup_seconds
         if rt.rank == 0:
+            t_eval = time.time()
             metrics.update(evaluate(module, parts, cfg, device, sample=epoch + 1 < epochs))
+            metrics["time/eval_s"] = time.time() - t_eval
         metrics["score"] = metrics.get(f"val/id/{PRIMARY_METRIC[cfg['task']]}", float("nan"))
         with tempfile.TemporaryDirectory() as tmp:
             folder = None
@@ -456,33 +395,6 @@ def train_loop(config: dict, rt) -> None:
             rt.report(metrics, folder, epoch + 1)
     if tracker:
         tracker.close()
-
-
-def make_trainer(cfg: dict, *, name: str, storage_path: str, workers: int = 1,
-                 gpus_per_worker: float = 0, cpus_per_worker: float = 1, max_failures: int = 0,
-                 keep_checkpoints: int = 2, callbacks=None, timeout_s: int = 120):
-    """A TorchTrainer for one run; relaunching with the same (storage_path, name) resumes."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    use_gpu = gpus_per_worker > 0
-    resources = {"CPU": cpus_per_worker}
-    if use_gpu:
-        resources["GPU"] = gpus_per_worker
-    return TorchTrainer(
-        train_fn_per_worker,
-        train_loop_config=cfg,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=timeout_s),
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                               resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            name=name, storage_path=storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=keep_checkpoints, checkpoint_score_attribute="score",
-                checkpoint_score_order="max"),
-            callbacks=callbacks or []),
-    )
 
 
 def export_best(result, out_dir: Path) -> Path:

@@ -31,10 +31,11 @@ from pathlib import Path
 import yaml
 
 from cliptd.cli import add_common_args, die, init_ray, resolve_storage, setup_embedded
+from cliptd.config import PRIMARY_METRIC, resolve_config
 from cliptd.errors import DataError
+from cliptd.launch import make_trainer
 from cliptd.space import SpaceError, apply_sample, describe, load_space, to_tune
 from cliptd.table import comparison_rows, to_csv, to_markdown
-from cliptd.train import PRIMARY_METRIC, make_trainer, resolve_config
 
 
 def condition_name(shots, preset: str) -> str:

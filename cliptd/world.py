@@ -174,9 +174,9 @@ def _one_thread_while(job, fn):
 def ensure_teacher_cache(root: Path, model, task: str, folder: Path) -> Path:
     """The cache of a loaded ``Teacher`` on ``task``'s train split, built once per
     (teacher, dataset)."""
+    from cliptd.config import DEFAULT_CONFIG
     from cliptd.dataset import problems_from_table
     from cliptd.teacher_cache import build_cache, cache_key
-    from cliptd.train import DEFAULT_CONFIG
 
     manifest = data_mod.load_manifest(folder)
     key = cache_key(model.fingerprint(), manifest["version"], "train", task)

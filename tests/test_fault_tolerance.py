@@ -20,7 +20,8 @@ def ray_local():
 
 def test_worker_crash_resumes_to_same_result(ray_local, tiny_world, tmp_path):
     from cliptd.cli import TASKS  # noqa: F401 - sets the offline environment
-    from cliptd.train import make_trainer, resolve_config
+    from cliptd.config import resolve_config
+    from cliptd.launch import make_trainer
 
     cfg = resolve_config({"task": "snli_ve", "data": str(tiny_world.data["snli_ve"]),
                           "student": str(tiny_world.student), "preset": "synthetic",
@@ -42,7 +43,8 @@ def test_worker_crash_resumes_to_same_result(ray_local, tiny_world, tmp_path):
 
 
 def test_worker_crash_beyond_max_failures_fails(ray_local, tiny_world, tmp_path):
-    from cliptd.train import make_trainer, resolve_config
+    from cliptd.config import resolve_config
+    from cliptd.launch import make_trainer
 
     cfg = resolve_config({"task": "snli_ve", "data": str(tiny_world.data["snli_ve"]),
                           "student": str(tiny_world.student), "preset": "synthetic",

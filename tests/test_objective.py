@@ -9,9 +9,8 @@ from fractions import Fraction
 import pytest
 import torch
 
+from cliptd.config import CHOICES, DistillConfig
 from cliptd.objective import (
-    CHOICES,
-    DistillConfig,
     Distiller,
     distance,
     instance_weights,

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cliptd.config import DEFAULT_CONFIG, resolve_config
 from cliptd.space import NAIVE_KNOBS, SPACES_DIR, Space, SpaceError, apply_sample, load_space
-from cliptd.train import DEFAULT_CONFIG, resolve_config
 
 SHIPPED = sorted(SPACES_DIR.glob("*.yaml"))
 

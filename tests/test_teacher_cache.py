@@ -296,3 +296,29 @@ def test_shared_images_are_encoded_once_with_the_same_scores(parts):
     together = task.predict(batch)
     alone = torch.cat([task.predict(parts.collate_eval([p])) for p in problems])
     assert torch.allclose(together, alone, atol=1e-5)
+
+
+def test_teacher_fingerprint_ignores_threads_and_sees_weights(teacher):
+    """The cache key must not depend on torch's thread count (a float sum's rounding does)
+    and must change when the weights do, in any dtype."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = teacher.fingerprint()
+        torch.set_num_threads(2)
+        assert teacher.fingerprint() == one
+    finally:
+        torch.set_num_threads(threads)
+    weight = next(p for p in teacher.model.parameters() if p.numel() > 1000)
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.mul_(0.5)
+        assert teacher.fingerprint() != one
+        with torch.no_grad():
+            weight.copy_(saved.to(torch.bfloat16).float())  # bf16-rounded values
+        assert teacher.fingerprint() != one
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    assert teacher.fingerprint() == one
