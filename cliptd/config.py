@@ -10,7 +10,9 @@ from __future__ import annotations
 import copy
 from dataclasses import asdict, dataclass, fields, replace
 
-METHODS = ("none", "naive", "cliptd")
+# clip_features: no distillation; CLIP's frozen image tower supplies the student's region
+# features (the CLIP-ViL way of using CLIP, cliptd.clip_regions), so CLIP runs at inference.
+METHODS = ("none", "naive", "cliptd", "clip_features")
 CHOICES = {
     "method": METHODS,
     "select_by": ("relevance", "random", "all"),
@@ -60,11 +62,12 @@ class DistillConfig:
 
     def resolved(self) -> DistillConfig:
         """Apply the method presets: ``none`` has no teacher term, ``naive`` distils every
-        token with uniform weight and constant λ, ``cliptd`` uses the knobs as given."""
+        token with uniform weight and constant λ, ``cliptd`` uses the knobs as given;
+        ``clip_features`` is fine-tuned with the task loss only, like ``none``."""
         if self.method == "naive":
             return replace(self, select_by="all", weighting="uniform", schedule="constant",
                            weight_norm="none")
-        if self.method == "none":
+        if self.method in ("none", "clip_features"):
             return replace(self, lam=0.0)
         return self
 

@@ -8,8 +8,10 @@ Reads the sweep's runs (experiment ``cliptd-<task>``, parent run tagged ``cliptd
 from any MLflow tracking URI. The runs tagged ``cliptd.compare`` (each best config's seed
 runs: the seed re-runs plus the search's best trial, which is seed 0) give the comparison
 (final value = the last logged one, per seed): data conditions × methods, mean ± std over seeds and the
-relative gain over ``none``, as Markdown and CSV, plus two plots (accuracy against the shot
-level, gain over ``none`` on the shifted domain). The ``phase=search`` runs give the search's
+relative gain over ``none``, and a row per condition of what each method's model costs at
+inference (parameters and forward time per instance as ratios to ``none``, measured side by
+side at the end of each run), as Markdown and CSV, plus plots (accuracy against the shot
+level, gain over ``none`` on the shifted domain, accuracy against inference cost). The ``phase=search`` runs give the search's
 view (metric against ``distill.select_ratio_v`` and ``distill.weighting``). Every file is
 also logged as an artifact of the sweep's parent run, under ``report/``.
 """
@@ -36,7 +38,7 @@ TASK_METRICS = {"vcr": (("Q→A", "q_a"), ("QA→R", "qa_r"), ("Q→AR", "q_ar")
                 "vqa": (("VQA acc", "vqa_acc"),)}
 GROUPS = (("in-domain", "id"), ("shifted", "shift"))
 FILES = {"md": "comparison.md", "csv": "comparison.csv", "shots": "accuracy_vs_shots.png",
-         "gain": "gain_shifted.png", "search": "search.png"}
+         "gain": "gain_shifted.png", "search": "search.png", "cost": "accuracy_vs_cost.png"}
 
 
 class ReportError(Exception):
@@ -275,6 +277,49 @@ def plot_gain_shifted(records, task: str, path: Path) -> Path:
     return save_fig(fig, path)
 
 
+def plot_accuracy_vs_cost(records, task: str, path: Path) -> Path:
+    """What each method buys and what it costs at inference: in-domain primary metric
+    against forward time per instance and parameters, both as ratios to ``none`` measured side
+    by side within each run (``model/*_vs_none``); a point per (method, condition), error
+    bars = std over seeds."""
+    import matplotlib.pyplot as plt
+
+    key = f"val/id/{PRIMARY_METRIC[task]}"
+    methods = _methods(records)
+    colors = _colors(methods)
+    conds = sorted({(r["preset"], r["shots"]) for r in records},
+                   key=lambda c: (c[0], shots_key(c[1])))
+    markers = "osD^vP*X"
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+    plotted = False
+    for ax, (ratio, label) in zip(axes, (("model/forward_vs_none", "forward time / instance"),
+                                         ("model/params_vs_none", "parameters")), strict=True):
+        for method in methods:
+            for c_i, (preset, shots) in enumerate(conds):
+                runs = [r["metrics"] for r in records if r["method"] == method and
+                        (r["preset"], r["shots"]) == (preset, shots) and ratio in r["metrics"]
+                        and key in r["metrics"]]
+                if not runs:
+                    continue
+                (x, xe), (y, ye) = (_mean_std([float(r[ratio]) for r in runs]),
+                                    _mean_std([100 * float(r[key]) for r in runs]))
+                name = method if len(conds) == 1 else f"{method} ({preset} {shots_label(shots)})"
+                ax.errorbar([x], [y], xerr=[xe], yerr=[ye], marker=markers[c_i % len(markers)],
+                            capsize=3, color=colors[method], label=name, linestyle="none")
+                plotted = True
+        ax.axvline(1.0, color="grey", linewidth=0.8, linestyle=":")
+        ax.set_xlabel(f"{label}, × none (measured side by side in each run)")
+        ax.set_ylabel(f"{key} (%)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        if not plotted:
+            ax.text(0.5, 0.5, "no inference cost logged", ha="center", va="center",
+                    transform=ax.transAxes, color="grey")
+    fig.suptitle(f"{task}: accuracy against inference cost (mean ± std over seeds)")
+    return save_fig(fig, path)
+
+
 def _as_float(v):
     try:
         return float(v)
@@ -343,7 +388,8 @@ def build(uri: str, task: str, experiment: str | None, sweep: str | None, out: P
              "csv": atomic_write(out / FILES["csv"], to_csv(rows)),
              "shots": plot_accuracy_vs_shots(got["seeds"], task, out / FILES["shots"]),
              "gain": plot_gain_shifted(got["seeds"], task, out / FILES["gain"]),
-             "search": plot_search(got["search"], task, out / FILES["search"])}
+             "search": plot_search(got["search"], task, out / FILES["search"]),
+             "cost": plot_accuracy_vs_cost(got["seeds"], task, out / FILES["cost"])}
     parent_id = got["parent"].info.run_id
     if log_artifacts:
         for p in paths.values():

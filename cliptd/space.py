@@ -19,8 +19,9 @@ from cliptd.config import CHOICES, DEFAULT_CONFIG, DistillConfig, parse_shots
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "tune_spaces"
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "randint")
-# Knobs each method actually uses: `none` has no teacher term, `naive` fixes selection,
-# weighting and schedule (SPEC section 2), so searching them would only waste trials.
+# Knobs each method actually uses: `none` and `clip_features` have no teacher term, `naive`
+# fixes selection, weighting and schedule (SPEC section 2), so searching them would only
+# waste trials.
 NAIVE_KNOBS = {"distill.lam", "distill.distance", "distill.text_target", "distill.modalities"}
 BUDGET_KEYS = {"num_samples", "epochs", "seeds", "grace_period", "reduction_factor",
                "min_steps", "max_concurrent", "eval_limit"}
@@ -59,7 +60,7 @@ class Space:
         return [(s, p) for p in self.presets for s in self.shots]
 
     def knobs_for(self, method: str) -> dict[str, dict]:
-        if method == "none":
+        if method in ("none", "clip_features"):  # task loss only: no distill knob matters
             return {k: v for k, v in self.search.items() if not k.startswith("distill.")}
         if method == "naive":
             return {k: v for k, v in self.search.items()

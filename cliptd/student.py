@@ -1,7 +1,9 @@
 """The student: an existing vision-language encoder (VisualBERT or LXMERT from transformers)
 over text tokens and image-region tokens, with its own region-feature backbone and task head.
 
-Nothing here knows about CLIP or distillation: this module is the whole exported model.
+Nothing here knows about distillation: this module is the whole exported model. The one
+place CLIP can enter is ``backbone="clip"`` (the ``clip_features`` baseline): a frozen CLIP
+image tower as the region backbone (``cliptd.clip_regions``), exported with the student.
 Architectures are small JSON files in ``cliptd/model_configs/student-*.json`` mapped onto
 ``StudentConfig``; a user's own checkpoint is a transformers folder (``checkpoint``).
 
@@ -44,7 +46,7 @@ class StudentConfig:
     intermediate_size: int = 256
     max_position_embeddings: int = 96
     hidden_dropout_prob: float = 0.1
-    backbone: str = "tiny"  # tiny | resnet18 | resnet50
+    backbone: str = "tiny"  # tiny | resnet18 | resnet50 | clip (cliptd.clip_regions)
     backbone_weights: str | None = None  # torchvision state dict file for resnet backbones
     image_size: int = 64  # images are resized to image_size × image_size
     roi_size: int = 7
@@ -52,6 +54,9 @@ class StudentConfig:
     checkpoint: str | None = None  # transformers folder of a pretrained VisualBERT / LXMERT
     task_head: str = "multiple_choice"  # multiple_choice | classify | vqa
     num_outputs: int = 1  # classes (SNLI-VE: 3) or answer vocabulary size (VQA)
+    # backbone=clip: the CLIP image tower's architecture and preprocessing (its weights are
+    # in student.pt), from cliptd.clip_regions.clip_tower_config
+    clip: dict | None = None
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> StudentConfig:
@@ -74,6 +79,12 @@ class StudentOutput:
     region_states: torch.Tensor  # N × R × H
     pooled: torch.Tensor  # N × H
     logits: torch.Tensor = field(default=None)  # task head output
+
+
+def box_geometry(boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Boxes N×R×4 in pixels of a size×size image → N×R×5: corners in [0, 1] and area."""
+    b = boxes / size
+    return torch.cat([b, ((b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1]))[..., None]], -1)
 
 
 class RegionEncoder(nn.Module):
@@ -107,7 +118,8 @@ class RegionEncoder(nn.Module):
             head_out = net.fc.in_features
             del trunk_out
         else:
-            raise ValueError(f"unknown backbone {cfg.backbone!r} (tiny, resnet18, resnet50)")
+            raise ValueError(f"unknown backbone {cfg.backbone!r} (tiny, resnet18, resnet50, "
+                             "clip)")
         self.proj = nn.Linear(head_out, cfg.hidden_size)
         self.geometry = nn.Linear(5, cfg.hidden_size)
         self.norm = nn.LayerNorm(cfg.hidden_size)
@@ -121,10 +133,7 @@ class RegionEncoder(nn.Module):
         pooled = roi_align(feats, rois, self.roi_size, spatial_scale=self.scale,
                            sampling_ratio=2, aligned=True)
         x = self.proj(self.head(pooled)).view(n, r, -1)
-        size = images.shape[-1]
-        b = boxes / size
-        geo = torch.cat([b, ((b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1]))[..., None]], -1)
-        return self.norm(x + self.geometry(geo))
+        return self.norm(x + self.geometry(box_geometry(boxes, images.shape[-1])))
 
 
 class VLStudent(nn.Module):
@@ -139,7 +148,12 @@ class VLStudent(nn.Module):
     def __init__(self, cfg: StudentConfig):
         super().__init__()
         self.cfg = cfg
-        self.regions = RegionEncoder(cfg)
+        if cfg.backbone == "clip":
+            from cliptd.clip_regions import ClipRegionEncoder  # imports this module
+
+            self.regions = ClipRegionEncoder(cfg)
+        else:
+            self.regions = RegionEncoder(cfg)
         common = dict(hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
                       intermediate_size=cfg.intermediate_size,
                       hidden_dropout_prob=cfg.hidden_dropout_prob,
@@ -179,6 +193,8 @@ class VLStudent(nn.Module):
         self.register_buffer("std", torch.tensor(self.IMAGE_STD).view(1, 3, 1, 1), False)
 
     def region_features(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        if self.cfg.backbone == "clip":  # normalises its crops with CLIP's own mean / std
+            return self.regions(images, boxes)
         return self.regions((images - self.mean) / self.std, boxes)
 
     def encode(self, input_ids, attention_mask, token_regions, image_index, region_feats,
@@ -258,7 +274,8 @@ def build_word_tokenizer(words, max_length: int = 64) -> PreTrainedTokenizerFast
 
 
 def save_student(model: VLStudent, tokenizer, folder: Path, extra: dict | None = None) -> None:
-    """Export: the student alone (config, weights, tokenizer) — no teacher, no loss heads."""
+    """Export: the student alone (config, weights, tokenizer) — no teacher, no loss heads.
+    A ``clip`` backbone's CLIP image tower is part of the student, so it is exported too."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "student_config.json").write_text(json.dumps(

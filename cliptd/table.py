@@ -1,5 +1,6 @@
 """The paper-style comparison: data conditions × methods, mean ± std over seeds, and the
-relative gain of each method over ``none``. Shared by ``cliptd.tune`` and ``cliptd.report``.
+relative gain of each method over ``none``; then, per condition, what each method's model
+costs at inference. Shared by ``cliptd.tune`` and ``cliptd.report``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ from collections import defaultdict
 import numpy as np
 
 METHOD_ORDER = ("none", "naive", "cliptd", "clip_features")
+COST_LABEL = "inference cost vs none (params, forward time / instance)"
+# numeric companions of a row's method cells (CSV columns, not Markdown ones)
+NUMERIC_SUFFIXES = ("_mean", "_std", "_n", "_params", "_params_vs_none", "_forward_ms",
+                    "_forward_vs_none")
 
 
 def _order(methods):
@@ -54,6 +59,38 @@ def comparison_rows(records: list[dict], metrics: dict[str, str]) -> list[dict]:
                 if base is not None and m != "none" and base > 0:
                     row[f"{m} vs none"] = f"{100 * (np.mean(vals) - base) / base:+.1f}%"
             rows.append(row)
+    return rows + cost_rows(records)
+
+
+def cost_rows(records: list[dict]) -> list[dict]:
+    """One row per condition whose runs logged their inference cost (``model/*``, from
+    ``cliptd.inference_cost.run_cost``): each method's parameters and forward time per
+    instance as ratios to ``none``, each ratio measured side by side within its own run (a
+    ratio between separate runs would mostly measure the machine's load), mean over seeds."""
+    methods = _order({r["method"] for r in records})
+    conditions = list(dict.fromkeys(r["condition"] for r in records))
+    rows = []
+    for cond in conditions:
+        row, found = {"condition": cond, "metric": COST_LABEL}, False
+        for m in methods:
+            runs = [r["metrics"] for r in records if r["condition"] == cond and
+                    r["method"] == m and "model/forward_vs_none" in r["metrics"]]
+            if not runs:
+                row[m] = ""
+                continue
+            found = True
+            mean = {k: float(np.mean([r[k] for r in runs])) for k in (
+                "model/params", "model/params_vs_none", "model/forward_ms_per_instance",
+                "model/forward_vs_none")}
+            row[m] = (f"params {mean['model/params_vs_none']:.2f}×, time "
+                      f"{mean['model/forward_vs_none']:.2f}× ({mean['model/params'] / 1e6:.2f} M,"
+                      f" {mean['model/forward_ms_per_instance']:.2f} ms; n={len(runs)})")
+            row[f"{m}_params"] = mean["model/params"]
+            row[f"{m}_params_vs_none"] = mean["model/params_vs_none"]
+            row[f"{m}_forward_ms"] = mean["model/forward_ms_per_instance"]
+            row[f"{m}_forward_vs_none"] = mean["model/forward_vs_none"]
+        if found:
+            rows.append(row)
     return rows
 
 
@@ -61,7 +98,7 @@ def to_markdown(rows: list[dict]) -> str:
     if not rows:
         return "(no finished runs)\n"
     methods = [k for k in rows[0] if k not in ("condition", "metric") and not k.endswith(
-        ("_mean", "_std", "_n")) and " vs " not in k]
+        NUMERIC_SUFFIXES) and " vs " not in k]
     gains = sorted({k for r in rows for k in r if k.endswith(" vs none")},
                    key=lambda k: (METHOD_ORDER.index(m) if (m := k.split(" vs ")[0])
                                   in METHOD_ORDER else 99, k))

@@ -47,11 +47,17 @@ class TeacherSpec:
         return f"{self.model}:{self.pretrained or 'none'}"
 
 
-def _mean_std(model) -> tuple[torch.Tensor, torch.Tensor]:
+def clip_mean_std(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pixel mean / std the model was trained with (1×3×1×1 each)."""
     cfg = getattr(model.visual, "preprocess_cfg", None) or {}
     mean = cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)
     std = cfg.get("std", open_clip.OPENAI_DATASET_STD)
     return torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+
+
+def clip_image_size(model) -> int:
+    size = model.visual.image_size
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
 def crop_regions(image: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
@@ -80,9 +86,8 @@ class Teacher:
         self.tokenizer = tokenizer
         self.spec = spec
         self.device = torch.device(device)
-        self.image_size = int(model.visual.image_size[0] if isinstance(
-            model.visual.image_size, (tuple, list)) else model.visual.image_size)
-        self.mean, self.std = (t.to(device) for t in _mean_std(model))
+        self.image_size = clip_image_size(model)
+        self.mean, self.std = (t.to(device) for t in clip_mean_std(model))
         self.context_length = getattr(model, "context_length", 77)
         self.logit_scale = float(model.logit_scale.exp().clamp(max=100).item())
         self.embed_dim = int(self.encode_texts(["a"]).shape[-1])
@@ -216,9 +221,8 @@ def pretrain_tiny_teacher(corpus: Path, out_dir: Path, cfg: TeacherPretrainConfi
     rng = np.random.default_rng(cfg.seed)
     model = open_clip.create_model(EMBEDDED_TEACHER)
     tokenizer = open_clip.get_tokenizer(EMBEDDED_TEACHER)
-    mean, std = _mean_std(model)
-    size = model.visual.image_size[0] if isinstance(model.visual.image_size, (tuple, list)) \
-        else model.visual.image_size
+    mean, std = clip_mean_std(model)
+    size = clip_image_size(model)
     crops, crop_caps, images, image_caps = _load_corpus(Path(corpus), size)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (

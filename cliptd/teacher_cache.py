@@ -30,7 +30,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from cliptd.dataset import Problem
-from cliptd.teacher import Teacher
+from cliptd.teacher import Teacher, TeacherSpec
 
 CACHE_FORMAT = 1
 SHARD = 512  # problems per shard: the unit of resumption
@@ -158,13 +158,32 @@ def build_cache(teacher: Teacher, task: str, problems: list[Problem], root: Path
         bar.update(len(shard))
     bar.close()
     (partial / "meta.json").write_text(json.dumps({
-        "task": task, "teacher": teacher.spec.describe(), "problems": len(labelled),
-        "dim": teacher.embed_dim, "format": CACHE_FORMAT}, indent=2))
+        "task": task, "teacher": teacher.spec.describe(),
+        "teacher_spec": {"model": teacher.spec.model, "pretrained": teacher.spec.pretrained},
+        "problems": len(labelled), "dim": teacher.embed_dim, "format": CACHE_FORMAT},
+        indent=2))
     (partial / "_SUCCESS").write_text("")
     if final.exists():
         shutil.rmtree(final)
     os.replace(partial, final)
     return final
+
+
+def cache_teacher(folder: Path) -> TeacherSpec:
+    """The CLIP that filled a teacher cache: the run's teacher, which ``clip_features`` puts
+    inside the student (so a run names its CLIP once, through its teacher cache)."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise FileNotFoundError(f"teacher cache {folder} has no readable meta.json ({exc})") \
+            from None
+    if "teacher_spec" in meta:
+        return TeacherSpec(**meta["teacher_spec"])
+    # caches written before teacher_spec: describe() = "<model>:<pretrained or none>", and a
+    # local-dir model holds a colon itself, so split at the last one
+    model, _, pretrained = meta["teacher"].rpartition(":")
+    return TeacherSpec(model=model, pretrained=None if pretrained == "none" else pretrained)
 
 
 def load_cache(folder: Path, keys: set[str] | None = None) -> dict[str, dict]:

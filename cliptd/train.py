@@ -29,9 +29,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from cliptd import data as data_mod
-from cliptd.config import HEAD, PRIMARY_METRIC, DistillConfig, parse_shots, resolve_config
+from cliptd.config import HEAD, METHODS, PRIMARY_METRIC, DistillConfig, parse_shots, resolve_config
 from cliptd.dataset import EVAL_SPLIT, Collator, ImageStore, Problem, problems_from_table
 from cliptd.errors import DataError
+from cliptd.inference_cost import run_cost
 from cliptd.launch import make_trainer
 from cliptd.metrics import accuracy, vcr_metrics, vqa_accuracy
 from cliptd.student import StudentConfig, VLStudent, build_word_tokenizer, load_student
@@ -39,6 +40,7 @@ from cliptd.task import CLIPTDTask
 from cliptd.teacher_cache import load_cache
 
 CHECKPOINT_FORMAT = "cliptd-checkpoint-v1"
+COST_INSTANCES = 32  # eval problems the end-of-run inference-cost measurement forwards
 
 
 # --------------------------------------------------------------------------------------
@@ -105,6 +107,10 @@ def build_run(cfg: dict) -> RunParts:
         student = VLStudent(StudentConfig.from_name(
             student_ref, vocab_size=len(tokenizer), task_head=head, num_outputs=outputs))
     distill = DistillConfig.from_dict(cfg["distill"])
+    if distill.method == "clip_features":  # CLIP inside the student (cliptd.clip_regions)
+        from cliptd.clip_regions import with_run_clip
+
+        student = with_run_clip(student, cfg["teacher_cache"])
     teacher = None
     teacher_dim = 1
     if distill.lam > 0:
@@ -319,7 +325,9 @@ def train_loop(config: dict, rt) -> None:
     batches_per_epoch = max(len(loader), -(-cfg["min_steps"] * cfg["grad_accum"] // epochs))
     steps_per_epoch = max(1, batches_per_epoch // cfg["grad_accum"])
     total_steps = epochs * steps_per_epoch
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    # frozen parameters (clip_features' CLIP tower) stay out of the optimizer
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"],
+                            weight_decay=cfg["weight_decay"])
     warm = max(1, int(cfg["warmup_frac"] * total_steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(
         (s + 1) / warm, max(0.0, (total_steps - s) / max(1, total_steps - warm))))
@@ -374,6 +382,9 @@ def train_loop(config: dict, rt) -> None:
             t_eval = time.time()
             metrics.update(evaluate(module, parts, cfg, device, sample=epoch + 1 < epochs))
             metrics["time/eval_s"] = time.time() - t_eval
+            if epoch + 1 == epochs:  # what the trained student costs at inference
+                metrics.update(run_cost(module.student, to_device(parts.collate_eval(
+                    parts.eval[:COST_INSTANCES]), device)))
         metrics["score"] = metrics.get(f"val/id/{PRIMARY_METRIC[cfg['task']]}", float("nan"))
         with tempfile.TemporaryDirectory() as tmp:
             folder = None
@@ -431,7 +442,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cliptd.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
-    parser.add_argument("--method", choices=("none", "naive", "cliptd"))
+    parser.add_argument("--method", choices=METHODS)
     parser.add_argument("--shots", default=None, help="fraction in (0, 1] or k<N>")
     parser.add_argument("--config", type=Path, help="a YAML config (e.g. a sweep's best)")
     parser.add_argument("--epochs", type=int)

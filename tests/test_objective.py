@@ -202,8 +202,9 @@ def test_naive_preset_forces_selection_weighting_schedule():
     assert (cfg.lam, cfg.distance) == (0.7, "l1")  # the knobs naive keeps
 
 
-def test_none_preset_has_no_teacher_term():
-    cfg = DistillConfig(method="none", lam=3.0).resolved()
+@pytest.mark.parametrize("method", ["none", "clip_features"])
+def test_task_loss_only_presets_have_no_teacher_term(method):
+    cfg = DistillConfig(method=method, lam=3.0).resolved()
     assert cfg.lam == 0.0
     assert lambda_at(cfg, 0.0) == 0.0
 

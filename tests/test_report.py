@@ -13,6 +13,7 @@ import pytest
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from cliptd import report  # noqa: E402
+from cliptd.table import COST_LABEL  # noqa: E402
 
 CONDITIONS = {"synthetic-shots0.05": ("0.05", 0.40), "synthetic-shots1.0": ("1.0", 0.60)}
 METHODS = {"none": 0.0, "naive": 0.02, "cliptd": 0.05}
@@ -157,7 +158,8 @@ def test_table_values(ran):
 def test_pngs_valid(ran):
     from PIL import Image
 
-    for name in ("accuracy_vs_shots.png", "gain_shifted.png", "search.png"):
+    for name in ("accuracy_vs_shots.png", "gain_shifted.png", "search.png",
+                 "accuracy_vs_cost.png"):
         p = ran["out"] / name
         data = p.read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 5000, name
@@ -214,3 +216,64 @@ def test_unreachable_server(tmp_path, capsys):
                       "--out", str(tmp_path)])
     assert rc == 2
     assert "is not usable" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------
+# clip_features (CLIP inside the student) as a column, and the inference-cost row
+
+COST = {  # method → (params, params vs none, ms / instance, forward vs none) per seed 0, 1
+    "none": [(7.2e5, 1.0, 0.50, 1.02), (7.2e5, 1.0, 0.52, 0.98)],
+    "cliptd": [(7.2e5, 1.0, 0.51, 1.01), (7.2e5, 1.0, 0.49, 0.99)],
+    "clip_features": [(8.3e5, 1.153, 0.90, 1.80), (8.3e5, 1.153, 1.10, 2.20)],
+}
+ACC = {"none": (0.40, 0.42), "cliptd": (0.45, 0.47), "clip_features": (0.43, 0.41)}
+
+
+@pytest.fixture(scope="module")
+def cost_store(tmp_path_factory):
+    from mlflow.tracking import MlflowClient
+
+    tmp = tmp_path_factory.mktemp("mlflow-cost")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    c = MlflowClient(tracking_uri=uri)
+    exp = c.create_experiment("cliptd-vcr", artifact_location=(tmp / "artifacts").as_uri())
+    parent = c.create_run(exp, run_name="vcr-cost", tags={
+        "cliptd.kind": "sweep", "cliptd.sweep_id": "vcr-cost", "task": "vcr"}).info.run_id
+    for method, costs in COST.items():
+        for seed, (params, p_ratio, ms, t_ratio) in enumerate(costs):
+            metrics = [report_metric(f"val/{g}/{m}", ACC[method][seed], step=2)
+                       for g in ("id", "shift") for m in ("q_a", "qa_r", "q_ar")]
+            metrics += [report_metric(k, v, step=2) for k, v in (
+                ("model/params", params), ("model/params_vs_none", p_ratio),
+                ("model/forward_ms_per_instance", ms), ("model/forward_vs_none", t_ratio))]
+            _child(c, exp, parent, "vcr-cost", "synthetic-shots0.05", method, seed, "seeds",
+                   metrics=metrics, compare=True)
+    return {"uri": uri}
+
+
+def test_clip_features_column_and_inference_cost_row(cost_store, tmp_path):
+    rc = report.main(["--task", "vcr", "--tracking-uri", cost_store["uri"], "--out",
+                      str(tmp_path), "--no-log"])
+    assert rc == 0
+    rows = _rows(tmp_path)
+    q_a = rows[("synthetic-shots0.05", "in-domain Q→A")]
+    assert q_a["clip_features"] == "42.0 ± 1.4 (n=2)"
+    assert q_a["clip_features vs none"] == f"{100 * (0.42 - 0.41) / 0.41:+.1f}%"
+    cost = rows[("synthetic-shots0.05", COST_LABEL)]
+    for method, costs in COST.items():  # means over seeds of what each run measured
+        assert float(cost[f"{method}_params"]) == pytest.approx(costs[0][0])
+        assert float(cost[f"{method}_params_vs_none"]) == pytest.approx(costs[0][1])
+        assert float(cost[f"{method}_forward_ms"]) == pytest.approx(
+            statistics.mean(c[2] for c in costs))
+        assert float(cost[f"{method}_forward_vs_none"]) == pytest.approx(
+            statistics.mean(c[3] for c in costs))
+    assert cost["clip_features"] == "params 1.15×, time 2.00× (0.83 M, 1.00 ms; n=2)"
+    assert cost["none"] == "params 1.00×, time 1.00× (0.72 M, 0.51 ms; n=2)"
+    md = (tmp_path / "comparison.md").read_text().splitlines()
+    head = md[0].split(" | ")
+    assert head[2:5] == ["none", "cliptd", "clip_features"]
+    assert "clip_features vs none" in md[0] and "_forward_ms" not in md[0]
+    cost_line = next(line for line in md if COST_LABEL in line)
+    assert "params 1.15×, time 2.00×" in cost_line
+    png = (tmp_path / "accuracy_vs_cost.png").read_bytes()
+    assert png[:8] == PNG_MAGIC and len(png) > 5000

@@ -74,6 +74,7 @@ def test_knobs_for_methods():
     none = space.knobs_for("none")
     assert none and not any(k.startswith("distill.") for k in none)
     assert set(none) == {k for k in space.search if not k.startswith("distill.")}
+    assert space.knobs_for("clip_features") == none  # task loss only, like none
     naive = space.knobs_for("naive")
     naive_distill = {k for k in naive if k.startswith("distill.")}
     assert naive_distill <= NAIVE_KNOBS
@@ -270,3 +271,8 @@ def test_resolve_config_rejects(overrides, match):
 @pytest.mark.parametrize("shots", [1.0, 0.05, "0.5", "k4", "k16"])
 def test_resolve_config_accepts_shots(shots):
     assert resolve_config({"shots": shots})["shots"] == shots
+
+
+def test_default_vcr_space_compares_clip_features():
+    """The CLIP-inside baseline runs in the default VCR sweep, next to none and cliptd."""
+    assert {"none", "cliptd", "clip_features"} <= set(load_space("vcr").methods)

@@ -198,7 +198,8 @@ def test_load_student_rejects_mismatched_weights(tokenizer, tmp_path):
 
 
 # --------------------------------------------------------------------------------------
-# Export parity: cliptd exports exactly the model `none` exports.
+# Export parity: cliptd exports exactly the model `none` exports; clip_features (CLIP inside
+# the student) exports a bigger one, and its inference cost is reported beside theirs.
 
 
 def _flops(model: VLStudent, batch: dict) -> int:
@@ -208,12 +209,28 @@ def _flops(model: VLStudent, batch: dict) -> int:
     return counter.get_total_flops()
 
 
+def _method_student(method: str, arch: str, tokenizer) -> VLStudent:
+    student = make_student(arch, tokenizer)
+    if method != "clip_features":
+        return student
+    import open_clip
+
+    from cliptd.clip_regions import with_clip_regions
+    from cliptd.teacher import EMBEDDED_TEACHER, TeacherSpec
+
+    torch.manual_seed(1)  # the embedded tiny CLIP's architecture, random weights
+    clip = open_clip.create_model(EMBEDDED_TEACHER)
+    return with_clip_regions(student, clip, TeacherSpec(EMBEDDED_TEACHER)).eval()
+
+
 @pytest.mark.parametrize("arch", ["visualbert", "lxmert"])
 def test_export_parity(arch, tokenizer, tmp_path):
+    from cliptd.inference_cost import compare
+
     exported = {}
-    for method in ("none", "cliptd"):
-        task = CLIPTDTask(make_student(arch, tokenizer), DistillConfig(method=method).resolved(),
-                          teacher_dim=TEACHER_DIM)
+    for method in ("none", "cliptd", "clip_features"):
+        task = CLIPTDTask(_method_student(method, arch, tokenizer),
+                          DistillConfig(method=method).resolved(), teacher_dim=TEACHER_DIM)
         # the task module does carry the projection heads while training
         heads = count_parameters(task.distiller)
         assert heads == 2 * (task.student.cfg.hidden_size * TEACHER_DIM + TEACHER_DIM)
@@ -224,13 +241,30 @@ def test_export_parity(arch, tokenizer, tmp_path):
                        or ".proj_t." in k for k in state)
         model, _ = load_student(tmp_path / method)
         exported[method] = (model.eval(), state, count_parameters(task.student))
-    (m_none, s_none, p_none), (m_td, s_td, p_td) = exported["none"], exported["cliptd"]
+    (m_none, s_none, p_none), (m_td, s_td, p_td), (m_cf, s_cf, p_cf) = exported.values()
     assert list(s_none) == list(s_td)
     assert {k: v.shape for k, v in s_none.items()} == {k: v.shape for k, v in s_td.items()}
     assert count_parameters(m_none) == count_parameters(m_td) == p_none == p_td
+    # clip_features: the CLIP image tower is in the exported model, and runs at inference
+    assert any(k.startswith("regions.tower.") for k in s_cf)
+    assert count_parameters(m_cf) == p_cf > p_none
     batch = make_batch(tokenizer)
-    f_none, f_td = _flops(m_none, batch), _flops(m_td, batch)
+    f_none, f_td, f_cf = (_flops(m, batch) for m in (m_none, m_td, m_cf))
     assert f_none == f_td > 0
+    assert f_cf > f_none
+    # inference cost measured side by side (interleaved forwards on the same batch)
+    cost = compare({"none": m_none, "cliptd": m_td, "clip_features": m_cf}, batch, repeats=7)
+    assert cost["none"]["params"] == cost["cliptd"]["params"] == p_none
+    assert cost["clip_features"]["params_vs_ref"] > 1
+    print(f"\n[{arch}] exported student, per instance ({len(batch['labels'])} instances, "
+          "forwards interleaved):")
+    flops = {"none": f_none, "cliptd": f_td, "clip_features": f_cf}
+    for method, c in cost.items():
+        assert c["forward_ms_per_instance"] > 0
+        print(f"  {method:<14} params {c['params']:>9,d} ({c['params_vs_ref']:.2f}x none)  "
+              f"GFLOP {flops[method] / len(batch['labels']) / 1e9:.4f} "
+              f"({flops[method] / f_none:.2f}x)  forward {c['forward_ms_per_instance']:.2f} ms "
+              f"({c['forward_vs_ref']:.2f}x none)")
 
 
 class _FakeCheckpoint:
