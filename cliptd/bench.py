@@ -95,7 +95,7 @@ def bench_science(base: dict, shots: list, seeds: int, methods: list[str], epoch
                 final = rt.history[-1]
                 records.append({"condition": f"shots={s}", "method": method, "seed": seed,
                                 "metrics": final, "seconds": time.time() - t})
-                print(f"shots={s} {method:<7} seed={seed}  in-domain q_a="
+                print(f"shots={s} {method:<13} seed={seed}  in-domain q_a="
                       f"{final.get('val/id/q_a', final.get('score')):.3f}  shifted q_a="
                       f"{final.get('val/shift/q_a', float('nan')):.3f}  "
                       f"({time.time() - t:.0f} s)", flush=True)

@@ -24,7 +24,7 @@ DISTRIBUTIONS = ("uniform", "loguniform", "choice", "randint")
 # waste trials.
 NAIVE_KNOBS = {"distill.lam", "distill.distance", "distill.text_target", "distill.modalities"}
 BUDGET_KEYS = {"num_samples", "epochs", "seeds", "grace_period", "reduction_factor",
-               "min_steps", "max_concurrent", "eval_limit"}
+               "min_steps", "max_concurrent", "eval_limit", "methods"}
 TOP_KEYS = {"task", "metric", "conditions", "methods", "fixed", "search", "budgets"}
 
 
@@ -42,6 +42,8 @@ class Budget:
     min_steps: int = 0
     max_concurrent: int = 0  # 0: sized from the cluster's resources
     eval_limit: int = 0  # epochs before the last evaluate on a fixed sample (0: all)
+    # the methods this budget compares (a subset of the space's; None: all of them)
+    methods: list[str] | None = None
 
 
 @dataclass
@@ -202,6 +204,11 @@ def load_space(task_or_path: str | Path) -> Space:
         if budgets[bname].num_samples < 1 or budgets[bname].epochs < 1 or \
                 budgets[bname].seeds < 1:
             _fail(path, f"budgets.{bname}", "num_samples, epochs and seeds must be >= 1")
+        chosen = budgets[bname].methods
+        if chosen is not None and (not isinstance(chosen, list) or not chosen or
+                                   set(chosen) - set(methods)):
+            _fail(path, f"budgets.{bname}.methods",
+                  f"a non-empty list drawn from the space's methods {methods}, got {chosen!r}")
     for required in ("default", "small"):
         budgets.setdefault(required, Budget())
     metric = raw.get("metric", "score")

@@ -361,7 +361,8 @@ def main(argv=None) -> int:
         if space.task != args.task:
             raise SpaceError(f"{space.path}: task: {space.task!r} but --task {args.task}")
         budget = space.budgets[args.budget]
-        methods = space.methods if not args.methods else args.methods.split(",")
+        methods = args.methods.split(",") if args.methods else \
+            (budget.methods or space.methods)
         for m in methods:
             if m not in space.methods:
                 raise SpaceError(f"--methods: {m!r} is not in {space.path}'s methods")
@@ -468,7 +469,7 @@ def main(argv=None) -> int:
     print("\n== Trials (search) ==")
     for s in summary:
         knobs = ", ".join(f"{k}={describe(v)}" for k, v in sorted(s["sample"].items()))
-        print(f"{s['condition']:<24} {s['method']:<7} trials={s['trials']}  best: {knobs}")
+        print(f"{s['condition']:<24} {s['method']:<13} trials={s['trials']}  best: {knobs}")
         print(f"{'':<32}replay: python -m cliptd.train --task {args.task} --config {s['best']}")
     print(f"\n== Comparison over {budget.seeds} seed(s) (mean ± std, %) ==")
     print(md)

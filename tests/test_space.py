@@ -148,6 +148,12 @@ BAD = [
      "small: {num_samples: 2, epoch: 2}", "budgets.small", "allowed keys"),
     ("bad-budget-value", "small: {num_samples: 2, epochs: 2, seeds: 1}",
      "small: {num_samples: 0, epochs: 2, seeds: 1}", "budgets.small", ">= 1"),
+    ("budget-method-not-in-space", "small: {num_samples: 2, epochs: 2, seeds: 1}",
+     "small: {num_samples: 2, epochs: 2, seeds: 1, methods: [none, clip_features]}",
+     "budgets.small.methods", "'clip_features'"),
+    ("budget-methods-empty", "small: {num_samples: 2, epochs: 2, seeds: 1}",
+     "small: {num_samples: 2, epochs: 2, seeds: 1, methods: []}", "budgets.small.methods",
+     "non-empty"),
 ]
 
 
@@ -276,3 +282,16 @@ def test_resolve_config_accepts_shots(shots):
 def test_default_vcr_space_compares_clip_features():
     """The CLIP-inside baseline runs in the default VCR sweep, next to none and cliptd."""
     assert {"none", "cliptd", "clip_features"} <= set(load_space("vcr").methods)
+
+
+def test_budget_methods_subset(tmp_path):
+    """A budget may compare a subset of the space's methods; the others compare all."""
+    path = write(tmp_path, edit(GOOD, "small: {num_samples: 2, epochs: 2, seeds: 1}",
+                                "small: {num_samples: 2, epochs: 2, seeds: 1, "
+                                "methods: [none, cliptd]}"))
+    space = load_space(path)
+    assert space.budgets["small"].methods == ["none", "cliptd"]
+    assert space.budgets["default"].methods is None
+    vcr = load_space("vcr")
+    assert "clip_features" not in vcr.budgets["default"].methods  # the 2-core first look
+    assert vcr.budgets["small"].methods is None and vcr.budgets["full"].methods is None
