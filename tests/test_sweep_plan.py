@@ -112,3 +112,28 @@ def test_sweep_names(tmp_path, monkeypatch):
     old = time.time() - 100
     os.utime(tmp_path / "runs" / "vcr-default", (old, old))
     assert tune.sweep_name(_args(resume=True)) == second  # the latest one
+
+
+def test_local_ray_runs_without_preemption_watcher(monkeypatch):
+    """A local Ray (no --address) cannot be preempted: Ray Train's per-run preemption
+    watcher is turned off unless the user set it; a cluster address keeps Ray's default."""
+    import types
+
+    import ray
+
+    from cliptd.cli import init_ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    # set, then unset: monkeypatch then restores the original state whatever init_ray does
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "x")
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
+    init_ray(types.SimpleNamespace(address="ray://head:10001"))
+    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ
+    init_ray(types.SimpleNamespace(address=None))
+    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    assert calls[1]["dashboard_host"] == "127.0.0.1"
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")  # the user's choice wins
+    init_ray(types.SimpleNamespace(address=None))
+    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "1"
