@@ -85,7 +85,9 @@ def main() -> None:
     ap.add_argument("--per-image", type=int, default=4, help="questions per image (VCR: ~2.6)")
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--no-tracemalloc", action="store_true")
+    ap.add_argument("--out", type=Path, help="write the figures here as JSON")
     args = ap.parse_args()
+    figures: dict = {"lines": args.lines}
 
     with tempfile.TemporaryDirectory(prefix="cliptd-bench-") as tmp:
         src = Path(tmp) / "vcr"
@@ -101,6 +103,7 @@ def main() -> None:
         prepare("vcr", src, out, progress=False)
         dt = time.perf_counter() - t0
         print(f"prepare: {args.lines / dt:,.0f} lines/s ({dt:.1f} s); peak RSS {peak_rss_mib():.0f} MiB")
+        figures.update(prepare_lines_per_s=args.lines / dt, prepare_peak_rss_mib=peak_rss_mib())
 
         if not args.no_tracemalloc:
             tracemalloc.start()
@@ -115,13 +118,18 @@ def main() -> None:
         dt = time.perf_counter() - t0
         assert n == n_rows
         print(f"iter_batches(batch_size={args.batch_size}): {n / dt:,.0f} rows/s as Arrow batches")
+        figures["reader_arrow_rows_per_s"] = n / dt
         t0 = time.perf_counter()
         n = sum(len(b.to_pylist()) for b in iter_batches(out, "train", args.batch_size))
         dt = time.perf_counter() - t0
         print(f"iter_batches + to_pylist: {n / dt:,.0f} rows/s as Python dicts")
+        figures["reader_dict_rows_per_s"] = n / dt
         shards = sorted((out / "train").glob("*.parquet"))
         print(f"output: {len(shards)} shards, {sum(p.stat().st_size for p in shards) / 2**20:.0f} MiB; "
               f"final peak RSS {peak_rss_mib():.0f} MiB")  # fmt: skip
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ epoch's training and evaluation time) and the loop's own set-up (data, model, ca
 
 from __future__ import annotations
 
+import argparse
+import json
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,6 +21,9 @@ from cliptd.cli import init_ray, setup_embedded
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, help="write the figures here as JSON")
+    out = parser.parse_args().out
     args = SimpleNamespace(task="vcr", budget="full", cache=None, address=None)
     world, caches = setup_embedded(args, ("vcr",))
     base = {"task": "vcr", "data": str(world.data["vcr"]), "student": str(world.student),
@@ -42,13 +47,18 @@ def main() -> None:
         tune_config=tune.TuneConfig(max_concurrent_trials=2),
         run_config=tune.RunConfig(name=f"startup-{int(launch)}", storage_path=storage,
                                   verbose=0)).fit()
+    first = []
     for r in grid:
         df = r.metrics_dataframe
-        first_step = (df["timestamp"].min() - launch - df["train/seconds"].iloc[0]
-                      - df["time/eval_s"].iloc[0])
+        first_step = float(df["timestamp"].min() - launch - df["train/seconds"].iloc[0]
+                           - df["time/eval_s"].iloc[0])
+        first.append(first_step)
         print(f"trial {r.config['seed']}: launch → first training step {first_step:.1f} s "
               f"(loop set-up {df['time/setup_s'].iloc[0]:.1f} s)")
     print(f"both trials done in {time.time() - launch:.1f} s")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"first_step_s": first}, indent=2))
 
 
 if __name__ == "__main__":

@@ -25,14 +25,13 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+# cliptd.config is light: the report needs neither torch nor Ray, only MLflow and plots
+from cliptd.config import PRIMARY_METRIC
 from cliptd.table import METHOD_ORDER, comparison_rows, to_csv, to_markdown
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-# Kept here (not imported from cliptd.train / cliptd.cli) so the report needs neither torch
-# nor Ray: it only talks to MLflow and draws.
-TASKS = ("vcr", "snli_ve", "vqa")
-PRIMARY_METRIC = {"vcr": "q_a", "snli_ve": "acc", "vqa": "vqa_acc"}
+TASKS = tuple(PRIMARY_METRIC)
 TASK_METRICS = {"vcr": (("Q→A", "q_a"), ("QA→R", "qa_r"), ("Q→AR", "q_ar")),
                 "snli_ve": (("acc", "acc"),),
                 "vqa": (("VQA acc", "vqa_acc"),)}

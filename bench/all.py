@@ -1,0 +1,125 @@
+"""Every benchmark in one place: runs each one (each its own process, one after the other, so
+none shares the 2 cores with another), gathers their figures into one JSON and prints the
+README's "Benchmarks" section as Markdown, each figure with the command that measured it.
+
+    .venv/bin/python bench/all.py --out bench/results/benchmarks.json      # ≈ 12 min
+    .venv/bin/python bench/all.py --only step,data --out /tmp/some.json    # a subset
+    .venv/bin/python bench/all.py --markdown bench/results/benchmarks.json # reprint
+
+Ratios are measured within one run (this machine is noisy); absolute times are this
+machine's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+# name → (command, what it measures); every command writes its figures to --out FILE
+BENCHMARKS = {
+    "data": ([PY, "bench/data_throughput.py", "--lines", "100000", "--no-tracemalloc"],
+             "prepare on a 100,000-line VCR-format file, and the Parquet reader"),
+    "step": ([PY, "-m", "cliptd.bench", "step", "--steps", "20"],
+             "a cliptd step against a none step, teacher cached and live"),
+    "ray": ([PY, "-m", "cliptd.bench", "ray", "--epochs", "2"],
+            "Ray's overhead on 2 concurrent trials; 1 vs 2 Ray Train workers"),
+    "startup": ([PY, "bench/trial_startup.py"], "launch → first training step of a trial"),
+    "scaling": ([PY, "bench/scaling.py"], "real-size models' FLOPs and a real sweep's cost"),
+}
+
+
+def run(name: str) -> dict:
+    cmd, what = BENCHMARKS[name]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / f"{name}.json"
+        start = time.time()
+        print(f"[bench] {name}: {' '.join(Path(c).name if c == PY else c for c in cmd)}",
+              flush=True)
+        proc = subprocess.run([*cmd, "--out", str(out)], cwd=ROOT)
+        if proc.returncode != 0 or not out.exists():
+            raise SystemExit(f"benchmark {name!r} failed (exit {proc.returncode})")
+        figures = json.loads(out.read_text())
+    return {"command": " ".join(["python" if c == PY else c for c in cmd]), "what": what,
+            "seconds": round(time.time() - start, 1), "figures": figures}
+
+
+def markdown(results: dict) -> str:
+    """The README section: one row per key figure, with its command."""
+    rows = []
+
+    def row(what: str, figure: str, name: str):
+        rows.append(f"| {what} | {figure} | `{results[name]['command']}` |")
+
+    if "data" in results:
+        f = results["data"]["figures"]
+        row("`prepare`, VCR format", f"{f['prepare_lines_per_s']:,.0f} lines/s, peak RSS "
+            f"{f['prepare_peak_rss_mib']:.0f} MiB", "data")
+        row("Parquet reader", f"{f['reader_arrow_rows_per_s']:,.0f} rows/s (Arrow), "
+            f"{f['reader_dict_rows_per_s']:,.0f} rows/s (dicts)", "data")
+    if "step" in results:
+        f = results["step"]["figures"]
+        row("teacher cache: cliptd step / none step", f"{f['ratio_cached_vs_none']:.3f}× "
+            f"cached, {f['ratio_live_vs_none']:.2f}× with the teacher live", "step")
+    if "ray" in results:
+        f = results["ray"]["figures"]
+        ray_s = sum(t["ray_s"] for t in f["trials"]) / len(f["trials"])
+        row("Ray overhead, 2 concurrent trials", f"training {f['train_share_mean']:.0%} of "
+            f"trial wall time (training + evaluation {f['loop_share_mean']:.0%}), Ray "
+            f"{ray_s:.0f} s per trial; launch → first result "
+            f"{f['launch_to_first_result_s']:.0f} s", "ray")
+        row("worker scaling, 2 vs 1 Ray Train workers", f"{f['throughput_2_vs_1_workers']:.2f}×",
+            "ray")
+    if "startup" in results:
+        f = results["startup"]["figures"]
+        row("launch → first training step", " / ".join(f"{s:.1f} s" for s in f["first_step_s"]),
+            "startup")
+    if "scaling" in results:
+        f = results["scaling"]["figures"]
+        for task, t in f["tasks"].items():
+            gpu_h = ", ".join(f"{k.replace('shots=', '')} {v:.0f}" for k, v in
+                              t["gpu_hours"].items() if k.startswith("shots="))
+            row(f"{task}: real-size student / teacher per instance",
+                f"{t['student']['train_flops'] / 1e9:.0f} / {t['teacher']['flops'] / 1e9:.0f} "
+                f"GFLOP; full sweep GPU-h at shots {gpu_h} (assumed "
+                f"{f['assumed_gpu_tflops'] * f['assumed_mfu']:.1f} TFLOPS)", "scaling")
+    head = "| what | figure | command |\n| --- | --- | --- |\n"
+    return head + "\n".join(rows) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", help=f"comma-separated subset of {sorted(BENCHMARKS)}")
+    parser.add_argument("--out", type=Path, help="the gathered JSON")
+    parser.add_argument("--markdown", type=Path, help="reprint the section from a JSON")
+    args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())["benchmarks"]))
+        return 0
+    names = args.only.split(",") if args.only else list(BENCHMARKS)
+    unknown = set(names) - set(BENCHMARKS)
+    if unknown:
+        parser.error(f"unknown benchmarks {sorted(unknown)}; known: {sorted(BENCHMARKS)}")
+    results = {name: run(name) for name in names}
+    if args.out:
+        from cliptd.tune import package_versions
+
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"measured": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                   "versions": package_versions(), "benchmarks": results},
+                                  indent=2))
+        tmp.replace(args.out)
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
