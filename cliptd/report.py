@@ -327,8 +327,11 @@ def _as_float(v):
 
 
 def plot_search(records, task: str, path: Path) -> Path:
-    """The search's view: last logged in-domain primary metric of every search trial against
-    ``distill.select_ratio_v`` (scatter) and ``distill.weighting`` (box + strip)."""
+    """The search's view: last logged in-domain primary metric of every ``cliptd`` search
+    trial against ``distill.select_ratio_v`` (scatter) and ``distill.weighting`` (box +
+    strip). Only ``cliptd`` uses those knobs (``naive`` fixes them, ``none`` and
+    ``clip_features`` have no teacher term), so the other methods' trials are drawn as their
+    mean, a dashed reference line, not as points at a knob value they never used."""
     import matplotlib.pyplot as plt
     import numpy as np
 
@@ -336,41 +339,43 @@ def plot_search(records, task: str, path: Path) -> Path:
     pts = [r for r in records if key in r["metrics"] and not math.isnan(r["metrics"][key])]
     methods = _methods(pts)
     colors = _colors(methods)
+    searched = [r for r in pts if r["method"] == "cliptd"]
+    refs = {m: float(np.mean([100 * r["metrics"][key] for r in pts if r["method"] == m]))
+            for m in methods if m != "cliptd"}
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
-    for m in methods:
-        sel = [(x, 100 * r["metrics"][key]) for r in pts if r["method"] == m
-               and (x := _as_float(r["params"].get("distill.select_ratio_v"))) is not None]
-        if sel:
-            a1.scatter(*zip(*sel, strict=True), label=m, color=colors[m], alpha=0.8,
-                       edgecolors="black", linewidths=0.4)
+    sel = [(x, 100 * r["metrics"][key]) for r in searched
+           if (x := _as_float(r["params"].get("distill.select_ratio_v"))) is not None]
+    if sel:
+        a1.scatter(*zip(*sel, strict=True), label="cliptd", color=colors["cliptd"],
+                   alpha=0.8, edgecolors="black", linewidths=0.4)
     a1.set_xlabel("distill.select_ratio_v")
     a1.set_ylabel(f"{key} (%), last epoch")
-    a1.set_title("search: visual token selection ratio")
-    cats = sorted({r["params"].get("distill.weighting", "?") for r in pts})
+    a1.set_title("search: visual token selection ratio (cliptd)")
+    cats = sorted({r["params"].get("distill.weighting", "?") for r in searched})
     rng = np.random.default_rng(0)
-    data = [[100 * r["metrics"][key] for r in pts if r["params"].get("distill.weighting", "?")
-             == c] for c in cats]
+    data = [[100 * r["metrics"][key] for r in searched
+             if r["params"].get("distill.weighting", "?") == c] for c in cats]
     if cats:
         a2.boxplot(data, positions=range(len(cats)), widths=0.5, showfliers=False)
-        for m in methods:
-            for i, c in enumerate(cats):
-                ys = [100 * r["metrics"][key] for r in pts if r["method"] == m
-                      and r["params"].get("distill.weighting", "?") == c]
-                a2.scatter(i + rng.uniform(-0.15, 0.15, len(ys)), ys, color=colors[m],
-                           alpha=0.8, s=18, label=m, edgecolors="black", linewidths=0.4)
+        for i, ys in enumerate(data):
+            a2.scatter(i + rng.uniform(-0.15, 0.15, len(ys)), ys, color=colors["cliptd"],
+                       alpha=0.8, s=18, label="cliptd", edgecolors="black", linewidths=0.4)
         a2.set_xticks(range(len(cats)), cats)
     a2.set_xlabel("distill.weighting")
-    a2.set_title("search: dynamic weighting")
+    a2.set_title("search: dynamic weighting (cliptd)")
     for ax in (a1, a2):
+        for m, y in refs.items():
+            ax.axhline(y, color=colors[m], linestyle="--", linewidth=1,
+                       label=f"{m}: mean of its search trials")
         ax.grid(alpha=0.3)
         handles, labels = ax.get_legend_handles_labels()
         if handles:
             uniq = dict(zip(labels, handles, strict=True))
             ax.legend(uniq.values(), uniq.keys(), fontsize=8)
-        if not pts:
-            ax.text(0.5, 0.5, "no search runs", ha="center", va="center",
+        if not searched:
+            ax.text(0.5, 0.5, "no cliptd search runs", ha="center", va="center",
                     transform=ax.transAxes, color="grey")
-    fig.suptitle(f"{task}: {len(pts)} search trial(s)")
+    fig.suptitle(f"{task}: {len(pts)} search trial(s), {len(searched)} of cliptd")
     return save_fig(fig, path)
 
 
