@@ -119,6 +119,7 @@ class RunLogger:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self._client = client(uri)
         self.gap_started: float | None = None
+        self._refused: set[str] = set()
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         rec = {"ts": int(time.time() * 1000), "step": step,
@@ -137,7 +138,8 @@ class RunLogger:
         sent = 0
         try:
             for r in records:  # one record (one epoch) per call: never sent twice
-                metrics = [Metric(k, v, r["ts"], r["step"]) for k, v in r["metrics"].items()]
+                metrics = [Metric(k, v, r["ts"], r["step"]) for k, v in r["metrics"].items()
+                           if self._valid(k)]
                 for i in range(0, len(metrics), 500):
                     self._client.log_batch(self.run_id, metrics=metrics[i: i + 500])
                 sent += 1
@@ -157,6 +159,22 @@ class RunLogger:
             self.gap_started = None
         self.buffer.unlink(missing_ok=True)
         return True
+
+    def _valid(self, key: str) -> bool:
+        """MLflow refuses a whole batch over one malformed metric name, which the buffer
+        would then retry forever: such a name is dropped, once, with a warning naming it."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.utils.validation import _validate_metric_name
+
+        try:
+            _validate_metric_name(key)
+            return True
+        except MlflowException as exc:
+            if key not in self._refused:
+                self._refused.add(key)
+                log.warning("metric %r of run %s is not a valid MLflow name, not logged: %s",
+                            key, self.run_id, exc.message)
+            return False
 
     def close(self, attempts: int = 5, wait_s: float = 2.0) -> None:
         for _ in range(attempts):

@@ -174,7 +174,9 @@ def evaluate(task_module: CLIPTDTask, parts: RunParts, cfg: dict, device,
         for name, value in _task_metrics(cfg["task"], probs, preds, parts.vocab).items():
             metrics[f"val/{group}/{name}"] = value
         primary = PRIMARY_METRIC[cfg["task"]]
-        for qtype in sorted({p.qtype for p in probs}):
+        # per question type, where the data has types (SNLI-VE's problems have none: an
+        # empty type would make the key val/id/qtype//acc, which MLflow refuses)
+        for qtype in sorted({p.qtype for p in probs if p.qtype}):
             sub = [p for p in probs if p.qtype == qtype]
             metrics[f"val/{group}/qtype/{qtype}/{primary}"] = _task_metrics(
                 cfg["task"], sub, preds, parts.vocab)[primary]

@@ -67,3 +67,20 @@ def test_loss_pinned_for_fixed_seed(tiny_world, vcr_cache):
         train_loop(_cfg(tiny_world, vcr_cache, epochs=1, seed=1), rt)
         runs.append(rt.history[0]["train/loss/total"])
     assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("task", ["vcr", "snli_ve", "vqa"])
+def test_every_logged_metric_is_a_valid_mlflow_name(tiny_world, task, tmp_path):
+    """MLflow refuses a batch over one malformed name (an empty question type once made
+    val/id/qtype//acc for SNLI-VE): every key a run reports must pass its validation."""
+    from mlflow.utils.validation import _validate_metric_name
+
+    rt = LocalRuntime()
+    train_loop(resolve_config({"task": task, "data": str(tiny_world.data[task]),
+                               "student": str(tiny_world.student), "preset": "synthetic",
+                               "epochs": 1, "batch_size": 8, "distill": {"method": "none"}}),
+               rt)
+    keys = set(rt.history[-1])
+    assert any(k.startswith("val/id/") for k in keys)
+    for key in keys:
+        _validate_metric_name(key)

@@ -60,6 +60,21 @@ def test_metrics_land_in_mlflow_with_steps(store, run_id, tmp_path):
     assert logger.gap_started is None
 
 
+def test_malformed_metric_name_is_dropped_not_buffered_forever(store, run_id, tmp_path,
+                                                              caplog):
+    """MLflow refuses a whole batch over one bad name (an empty path segment, as an empty
+    question type once made): the others land, nothing stays buffered, the name is named."""
+    uri, _ = store
+    logger = tracking.RunLogger(uri, run_id, buffer_dir=str(tmp_path))
+    with caplog.at_level("WARNING"):
+        logger.log_metrics({"val/id/acc": 0.5, "val/id/qtype//acc": 0.5}, step=1)
+        logger.log_metrics({"val/id/acc": 0.75, "val/id/qtype//acc": 0.75}, step=2)
+    assert history(uri, run_id, "val/id/acc") == [(1, 0.5), (2, 0.75)]
+    assert not logger.buffer.exists() and logger.gap_started is None
+    warned = [r for r in caplog.records if "val/id/qtype//acc" in r.getMessage()]
+    assert len(warned) == 1, "warned once, naming the metric"
+
+
 def test_unreachable_server_buffers_then_replays(store, run_id, tmp_path, fast_fail):
     uri, _ = store
     dead = f"http://127.0.0.1:{closed_port()}"
