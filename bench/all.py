@@ -87,7 +87,8 @@ def markdown(results: dict) -> str:
                               t["gpu_hours"].items() if k.startswith("shots="))
             row(f"{task}: real-size student / teacher per instance",
                 f"{t['student']['train_flops'] / 1e9:.0f} / {t['teacher']['flops'] / 1e9:.0f} "
-                f"GFLOP; full sweep GPU-h at shots {gpu_h} (assumed "
+                f"GFLOP; full sweep ({len(t['sweep']['methods'])} methods) GPU-h at shots "
+                f"{gpu_h} (assumed "
                 f"{f['assumed_gpu_tflops'] * f['assumed_mfu']:.1f} TFLOPS)", "scaling")
     head = "| what | figure | command |\n| --- | --- | --- |\n"
     return head + "\n".join(rows) + "\n"

@@ -113,18 +113,48 @@ def measure_teacher(task: str, n: int) -> dict:
     texts = torch.randint(1, 49_000, (s["rows"], TEACHER_WORDS[task] + 2), generator=g)
     texts = torch.nn.functional.pad(texts, (0, 77 - texts.shape[1]))
 
-    def encode():
+    def images():
         for _ in range(n):
             model.encode_image(crop_regions(image, boxes, 224))
+
+    def encode():
+        images()
+        for _ in range(n):
             model.encode_text(texts)
 
+    with torch.no_grad(), FlopCounterMode(display=False) as fc_image:
+        images()
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         encode()
     t = time.perf_counter()
     with torch.no_grad():
         encode()
     return {"params": sum(p.numel() for p in model.parameters()),
-            "flops": fc.get_total_flops() / n, "cpu_s": (time.perf_counter() - t) / n}
+            "flops": fc.get_total_flops() / n,
+            # the image tower alone: what clip_features runs in every step and at inference
+            "image_flops": fc_image.get_total_flops() / n,
+            "cpu_s": (time.perf_counter() - t) / n}
+
+
+def jpeg_decode_ms(repeats: int = 50) -> float:
+    """Decoding one photo-sized JPEG (1280×720) and resizing it to the student's 448 px, on
+    one core: what data loading costs per image."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    # smooth noise compresses like a photo (about 580 KiB at quality 90); white noise would not
+    pixels = (np.cumsum(rng.normal(size=(720, 1280, 3)), axis=1) % 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+    data = buf.getvalue()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        with Image.open(io.BytesIO(data)) as im:
+            np.asarray(im.convert("RGB").resize((448, 448), Image.BILINEAR))
+    return 1000 * (time.perf_counter() - t) / repeats
 
 
 def asha_epochs(num_samples: int, max_t: int, grace: int, rf: int) -> float:
@@ -153,17 +183,24 @@ def sweep_cost(task: str, space: dict, budget: str, student: dict, teacher: dict
     batch = space.get("fixed", {}).get("batch_size", 32)
     data = DATASETS[task]
     rows, flops = [], 0.0
+    # clip_features runs the frozen CLIP image tower forward on every instance, in training
+    # and evaluation alike (no backward through it); the other methods cost the student only
+    per_method_train = [student["train_flops"] + (teacher["image_flops"] if m ==
+                        "clip_features" else 0) for m in methods]
+    per_method_eval = [student["eval_flops"] + (teacher["image_flops"] if m ==
+                       "clip_features" else 0) for m in methods]
     for s in shots:
         per_epoch_train = max(s * data["train"], b.get("min_steps", 0) / epochs * batch)
         trial_epochs = (search_epochs + seed_epochs) * len(methods) * len(presets)
-        train = trial_epochs * per_epoch_train * student["train_flops"]
+        per_method_epochs = (search_epochs + seed_epochs) * len(presets)
+        train = per_method_epochs * per_epoch_train * sum(per_method_train)
         limit = b.get("eval_limit") or data["eval"]
-        eval_ = trial_epochs * min(limit, data["eval"]) * student["eval_flops"]
+        eval_ = per_method_epochs * min(limit, data["eval"]) * sum(per_method_eval)
         rows.append({"shots": s, "trial_epochs": trial_epochs, "train_flops": train,
                      "eval_flops": eval_})
         flops += train + eval_
     cache = data["train"] * teacher["flops"]
-    return {"budget": budget, "search_epochs_per_search": search_epochs,
+    return {"budget": budget, "methods": methods, "search_epochs_per_search": search_epochs,
             "per_shot": rows, "student_flops": flops, "teacher_cache_flops": cache}
 
 
@@ -185,7 +222,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(2)
     shots = [float(s) for s in args.shots.split(",")]
     sustained = args.gpu_tflops * 1e12 * args.mfu
-    report = {"assumed_gpu_tflops": args.gpu_tflops, "assumed_mfu": args.mfu, "tasks": {}}
+    report = {"assumed_gpu_tflops": args.gpu_tflops, "assumed_mfu": args.mfu,
+              "jpeg_decode_ms": jpeg_decode_ms(), "tasks": {}}
+    print(f"JPEG 1280×720 decode + resize to 448 px: {report['jpeg_decode_ms']:.1f} ms per "
+          "image on one core")
     for task in args.tasks.split(","):
         student = measure_student(task, args.batch, args.repeats)
         teacher = measure_teacher(task, args.batch)
@@ -201,8 +241,8 @@ def main(argv=None) -> int:
               f"{student['train_flops'] / 1e9:.0f} GFLOP/instance train, "
               f"{student['eval_flops'] / 1e9:.0f} eval, {student['train_cpu_s']:.2f} s/instance "
               f"train on this CPU; teacher {teacher['flops'] / 1e9:.0f} GFLOP/instance "
-              f"({teacher['cpu_s']:.2f} s on CPU); sweep ({args.budget}, "
-              f"{len(space['methods'])} methods): " +
+              f"({teacher['cpu_s']:.2f} s on CPU); sweep ({args.budget}: "
+              f"{', '.join(space['methods'])}): " +
               ", ".join(f"{k} {v:.1f} GPU-h" for k, v in gpu_h.items()), flush=True)
         if not math.isfinite(student["train_flops"]):
             raise SystemExit("flop count failed")
