@@ -438,6 +438,14 @@ def main(argv=None) -> int:
     print(f"== {res['experiment'].name} / sweep {parent.data.tags.get('cliptd.sweep_id')} "
           f"(parent run {res['parent_id']}): {len(res['seeds'])} seeds run(s), "
           f"{len(res['search'])} search run(s) ==")
+    key = f"val/id/{PRIMARY_METRIC[args.task]}"
+    runs = {r["run_id"]: r for r in res["seeds"] + res["search"]}  # a run may be in both
+    bare = [r for r in runs.values() if key not in r["metrics"]]
+    if bare:  # say so: an empty table must not pass for "nothing finished"
+        print(f"cliptd: warning: {len(bare)} of {len(runs)} "
+              f"run(s) have no {key} in MLflow (unsent metrics stay in the runs' tracking "
+              "buffer, ~/.cache/cliptd/mlflow-buffer, until a run of the same id flushes it)",
+              file=sys.stderr)
     if res["skipped"]:
         print(f"(left out {len(res['skipped'])} seed run(s) not FINISHED: "
               f"{', '.join(sorted({r['status'] for r in res['skipped']}))})")

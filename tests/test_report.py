@@ -277,3 +277,23 @@ def test_clip_features_column_and_inference_cost_row(cost_store, tmp_path):
     assert "params 1.15×, time 2.00×" in cost_line
     png = (tmp_path / "accuracy_vs_cost.png").read_bytes()
     assert png[:8] == PNG_MAGIC and len(png) > 5000
+
+
+def test_runs_without_metrics_are_reported(tmp_path, capsys):
+    """Finished runs whose metrics never reached MLflow (e.g. still in a tracking buffer)
+    must not pass for an empty sweep: the report says how many have no metric."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = MlflowClient(tracking_uri=uri)
+    exp = c.create_experiment("cliptd-vcr", artifact_location=(tmp_path / "a").as_uri())
+    parent = c.create_run(exp, tags={"cliptd.kind": "sweep", "cliptd.sweep_id": "bare",
+                                     "task": "vcr"}).info.run_id
+    for method in ("none", "cliptd"):
+        _child(c, exp, parent, "bare", "synthetic-shots0.05", method, 0, "search",
+               metrics=[], compare=True)
+    rc = report.main(["--task", "vcr", "--tracking-uri", uri, "--out", str(tmp_path / "r"),
+                      "--no-log"])
+    err = capsys.readouterr().err
+    assert rc == 0
+    assert "2 of 2 run(s) have no val/id/q_a in MLflow" in err, err
