@@ -31,27 +31,13 @@ def main() -> None:
             "min_steps": 4, "shots": 0.01, "eval_limit": 20, "threads": 1,
             "distill": {"method": "cliptd"}}
     init_ray(args)
-    from ray import tune
+    from cliptd.bench import first_step_s, two_concurrent_trials
 
-    from cliptd.tune import train_driver_fn
-
-    storage = str(Path("runs/bench").resolve())
-    meta = {"sweep_id": "startup", "tracking_uri": None, "storage_path": storage,
-            "workers": 1, "gpus_per_worker": 0, "cpus_per_worker": 0.8, "max_failures": 0,
-            "base": base, "condition": "startup", "phase": "bench", "searcher_seed": 0,
-            "versions": {}}
-    launch = time.time()
-    grid = tune.Tuner(
-        tune.with_resources(tune.with_parameters(train_driver_fn, meta=meta), {"CPU": 0.2}),
-        param_space={"seed": tune.grid_search([0, 1])},
-        tune_config=tune.TuneConfig(max_concurrent_trials=2),
-        run_config=tune.RunConfig(name=f"startup-{int(launch)}", storage_path=storage,
-                                  verbose=0)).fit()
+    grid, launch = two_concurrent_trials(base, str(Path("runs/bench").resolve()), "startup")
     first = []
     for r in grid:
         df = r.metrics_dataframe
-        first_step = float(df["timestamp"].min() - launch - df["train/seconds"].iloc[0]
-                           - df["time/eval_s"].iloc[0])
+        first_step = first_step_s(df, launch)
         first.append(first_step)
         print(f"trial {r.config['seed']}: launch → first training step {first_step:.1f} s "
               f"(loop set-up {df['time/setup_s'].iloc[0]:.1f} s)")

@@ -102,6 +102,33 @@ def bench_science(base: dict, shots: list, seeds: int, methods: list[str], epoch
     return records
 
 
+def two_concurrent_trials(cfg: dict, storage: str, name: str):
+    """Two Tune trials of ``cfg`` (seeds 0 and 1) started together, each a 1-worker
+    TorchTrainer run through the sweep's own trial driver → (result grid, launch time)."""
+    from ray import tune
+
+    from cliptd.tune import train_driver_fn
+
+    meta = {"sweep_id": name, "tracking_uri": None, "storage_path": storage, "workers": 1,
+            "gpus_per_worker": 0, "cpus_per_worker": 0.8, "max_failures": 0, "base": cfg,
+            "condition": name, "phase": "bench", "searcher_seed": 0, "versions": {}}
+    launch = time.time()
+    grid = tune.Tuner(
+        tune.with_resources(tune.with_parameters(train_driver_fn, meta=meta), {"CPU": 0.2}),
+        param_space={"seed": tune.grid_search([0, 1])},
+        tune_config=tune.TuneConfig(max_concurrent_trials=2),
+        run_config=tune.RunConfig(name=f"{name}-{int(launch)}", storage_path=storage,
+                                  verbose=0)).fit()
+    return grid, launch
+
+
+def first_step_s(df, launch: float) -> float:
+    """Launch → the first training step: the first result minus its epoch's training and
+    evaluation time (a trial's metrics dataframe)."""
+    return float(df["timestamp"].min() - launch - df["train/seconds"].iloc[0]
+                 - df["time/eval_s"].iloc[0])
+
+
 def bench_ray(base: dict, args) -> dict:
     """Ray's overhead: 2 concurrent Tune trials (each a TorchTrainer run) on this machine —
     the share of each trial's wall time spent in training epochs, and launch → first result;
@@ -109,27 +136,16 @@ def bench_ray(base: dict, args) -> dict:
     import resource
 
     import ray
-    from ray import tune
 
     from cliptd.cli import init_ray
     from cliptd.launch import make_trainer
-    from cliptd.tune import train_driver_fn
 
     init_ray(args)
     storage = str((Path(args.storage_path) / "bench").resolve())
     # a trial as a sweep runs it: epochs before the last evaluate on a fixed sample
     cfg = {**base, "epochs": args.epochs, "distill": {"method": "cliptd"}, "shots": 0.25,
            "threads": 1, "eval_limit": 200}
-    meta = {"sweep_id": "bench", "tracking_uri": None, "storage_path": storage, "workers": 1,
-            "gpus_per_worker": 0, "cpus_per_worker": 0.8, "max_failures": 0, "base": cfg,
-            "condition": "bench", "phase": "bench", "searcher_seed": 0, "versions": {}}
-    launch = time.time()
-    grid = tune.Tuner(
-        tune.with_resources(tune.with_parameters(train_driver_fn, meta=meta), {"CPU": 0.2}),
-        param_space={"seed": tune.grid_search([0, 1])},
-        tune_config=tune.TuneConfig(max_concurrent_trials=2),
-        run_config=tune.RunConfig(name=f"ray-overhead-{int(launch)}", storage_path=storage,
-                                  verbose=0)).fit()
+    grid, launch = two_concurrent_trials(cfg, storage, "ray-overhead")
     wall = time.time() - launch
     trials = []
     for r in grid:
@@ -141,9 +157,7 @@ def bench_ray(base: dict, args) -> dict:
         trials.append({"wall_s": trial_wall, **parts,
                        "first_result_s": float(df["timestamp"].min() - launch),
                        # launch → the first training step: the fixed cost of starting a trial
-                       "first_step_s": float(df["timestamp"].min() - launch
-                                             - df["train/seconds"].iloc[0]
-                                             - df["time/eval_s"].iloc[0]),
+                       "first_step_s": first_step_s(df, launch),
                        # what is left is Ray's: process and worker-group start-up, imports,
                        # reporting and checkpoint upload
                        "ray_s": trial_wall - sum(parts.values())})
