@@ -18,10 +18,21 @@ def train_fn_per_worker(config: dict) -> None:
     train_loop(config, RayRuntime())
 
 
+def pretrain_fn_per_worker(config: dict) -> None:
+    """Ray Train's entry point for student pre-training (``cliptd.pretrain``)."""
+    from cliptd.pretrain import pretrain_loop
+    from cliptd.train import RayRuntime
+
+    pretrain_loop(config, RayRuntime())
+
+
 def make_trainer(cfg: dict, *, name: str, storage_path: str, workers: int = 1,
                  gpus_per_worker: float = 0, cpus_per_worker: float = 1, max_failures: int = 0,
-                 keep_checkpoints: int = 2, callbacks=None, timeout_s: int = 120):
-    """A TorchTrainer for one run; relaunching with the same (storage_path, name) resumes."""
+                 keep_checkpoints: int = 2, callbacks=None, timeout_s: int = 120,
+                 train_fn=train_fn_per_worker, score_attribute: str | None = "score"):
+    """A TorchTrainer for one run; relaunching with the same (storage_path, name) resumes.
+    Checkpoints kept: the best ``keep_checkpoints`` by ``score_attribute`` (None: the
+    latest)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -30,7 +41,7 @@ def make_trainer(cfg: dict, *, name: str, storage_path: str, workers: int = 1,
     if use_gpu:
         resources["GPU"] = gpus_per_worker
     return TorchTrainer(
-        train_fn_per_worker,
+        train_fn,
         train_loop_config=cfg,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=timeout_s),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu,
@@ -39,7 +50,7 @@ def make_trainer(cfg: dict, *, name: str, storage_path: str, workers: int = 1,
             name=name, storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=keep_checkpoints, checkpoint_score_attribute="score",
+                num_to_keep=keep_checkpoints, checkpoint_score_attribute=score_attribute,
                 checkpoint_score_order="max"),
             callbacks=callbacks or []),
     )

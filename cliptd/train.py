@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import sys
 import tempfile
@@ -219,7 +220,7 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def load_checkpoint_file(path: Path) -> dict:
+def load_checkpoint_file(path: Path, fmt: str = CHECKPOINT_FORMAT) -> dict:
     """Load one of our checkpoints; anything else (foreign, truncated, pickled code) is refused."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -227,8 +228,8 @@ def load_checkpoint_file(path: Path) -> dict:
         detail = (str(exc).splitlines() or ["empty or truncated file"])[0][:200]
         raise ValueError(f"{path}: not a loadable cliptd checkpoint ({type(exc).__name__}: "
                          f"{detail})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a cliptd checkpoint (format != {CHECKPOINT_FORMAT})")
+    if not isinstance(state, dict) or state.get("format") != fmt:
+        raise ValueError(f"{path}: not a cliptd checkpoint (format != {fmt})")
     return state
 
 
@@ -264,9 +265,10 @@ class RayRuntime:
             with ckpt.as_directory() as d:
                 yield Path(d)
 
-    def report(self, metrics: dict, folder: Path | None, epoch: int) -> None:
+    def report(self, metrics: dict, folder: Path | None, epoch: int, unit: str = "epoch"
+               ) -> None:
         ckpt = self._train.Checkpoint.from_directory(folder) if folder else None
-        self._train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch-{epoch:03d}")
+        self._train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"{unit}-{epoch:03d}")
 
 
 class LocalRuntime:
@@ -288,10 +290,11 @@ class LocalRuntime:
     def latest_checkpoint(self):
         yield self.resume_from
 
-    def report(self, metrics: dict, folder: Path | None, epoch: int) -> None:
+    def report(self, metrics: dict, folder: Path | None, epoch: int, unit: str = "epoch"
+               ) -> None:
         self.history.append(metrics)
         if folder and self.keep_dir:
-            shutil.copytree(folder, self.keep_dir / f"epoch-{epoch:03d}", dirs_exist_ok=True)
+            shutil.copytree(folder, self.keep_dir / f"{unit}-{epoch:03d}", dirs_exist_ok=True)
 
 
 def epoch_batches(loader, n_batches: int, epoch: int):
@@ -306,6 +309,13 @@ def epoch_batches(loader, n_batches: int, epoch: int):
             if done == n_batches:
                 return
         rep += 1
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, MB (ru_maxrss: KiB on Linux, bytes on
+    macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
 
 
 def train_loop(config: dict, rt) -> None:
@@ -388,6 +398,8 @@ def train_loop(config: dict, rt) -> None:
                 metrics.update(run_cost(module.student, to_device(parts.collate_eval(
                     parts.eval[:COST_INSTANCES]), device)))
         metrics["score"] = metrics.get(f"val/id/{PRIMARY_METRIC[cfg['task']]}", float("nan"))
+        # per trial in MLflow: a sweep's memory growth shows as a trend across its trials
+        metrics["sys/peak_rss_mb"] = peak_rss_mb()
         with tempfile.TemporaryDirectory() as tmp:
             folder = None
             if rt.rank == 0:  # a checkpoint that describes itself

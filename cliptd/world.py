@@ -37,7 +37,7 @@ class WorldConfig:
     student_steps: int = 500
     student: str = "visualbert-tiny"
     # Bumped when the student's code changes meaning, so cached students are rebuilt.
-    student_version: int = 4
+    student_version: int = 5
 
     def digest(self, part: str) -> str:
         """Cache key of one stage: only the settings that stage depends on."""
@@ -75,8 +75,8 @@ def _pretrain_student_process(corpus: str, out_dir: str, synthetic: str, prepare
 
     torch.set_num_threads(1)
     start = time.time()
-    tokenizer = world_tokenizer(Path(synthetic), {k: Path(v) for k, v in prepared.items()})
-    pretrain_student(Path(corpus), Path(out_dir), tokenizer, PretrainConfig(**cfg),
+    words = world_words(Path(synthetic), {k: Path(v) for k, v in prepared.items()})
+    pretrain_student(Path(corpus), Path(out_dir), words, PretrainConfig(**cfg),
                      progress=progress, bar_position=1)
     return time.time() - start
 
@@ -190,24 +190,19 @@ def ensure_teacher_cache(root: Path, model, task: str, folder: Path) -> Path:
     return out / key
 
 
-def world_tokenizer(synthetic: Path, prepared: dict[str, Path]):
-    """A word-level vocabulary over the corpus and every task's text (the world is closed)."""
-    from cliptd.pretrain import corpus_words
-    from cliptd.student import build_word_tokenizer
+def world_words(synthetic: Path, prepared: dict[str, Path]) -> set[str]:
+    """The closed vocabulary: both corpora and every task's text."""
+    from cliptd.pretrain import corpus_words, dataset_words
 
     words = corpus_words(synthetic / "corpus" / "student.parquet")
     words |= corpus_words(synthetic / "corpus" / "teacher.parquet")
     for folder in prepared.values():
-        manifest = data_mod.load_manifest(folder)
-        for split in manifest["counts"]:
-            table = data_mod.read_split(folder, split, columns=["query", "candidates",
-                                                                "rationales", "answers"])
-            for col in ("query", "answers"):
-                for toks in table.column(col).to_pylist():
-                    for t in toks:
-                        words.update(t.split())
-            for col in ("candidates", "rationales"):
-                for lists in table.column(col).to_pylist():
-                    for toks in lists:
-                        words.update(toks)
-    return build_word_tokenizer(words)
+        words |= dataset_words(folder)
+    return words
+
+
+def world_tokenizer(synthetic: Path, prepared: dict[str, Path]):
+    """A word-level tokenizer over ``world_words``."""
+    from cliptd.pretrain import build_tokenizer
+
+    return build_tokenizer(world_words(synthetic, prepared))

@@ -1,0 +1,194 @@
+"""Student pre-training: its objectives' data (grounded statements, hard negatives), the
+loop (deterministic, exactly resumable), the export fine-tuning loads, and the CLI on Ray
+Train with its MLflow record."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _cli import run_cli
+
+from cliptd.pretrain import (
+    PretrainConfig,
+    attribute_groups,
+    export_pretrained,
+    grounded_statements,
+    load_corpus,
+    make_batch,
+    pretrain_loop,
+)
+from cliptd.student import load_student
+from cliptd.train import LocalRuntime
+from cliptd.world import world_words
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def corpus(tiny_world):
+    return tiny_world.synthetic / "corpus" / "student.parquet"
+
+
+@pytest.fixture(scope="module")
+def words(tiny_world):
+    return sorted(world_words(tiny_world.synthetic, tiny_world.data))
+
+
+@pytest.fixture(scope="module")
+def items(corpus):
+    return load_corpus(corpus, 64, attribute_groups())
+
+
+def _cfg(corpus, words, **kw) -> dict:
+    base = {"steps": 4, "batch_size": 8, "checkpoint_every": 2, "warmup": 2}
+    return {**{**PretrainConfig().__dict__, **base, **kw}, "corpus": str(corpus),
+            "words": words}
+
+
+def test_region_attributes_read_off_captions(items):
+    colours, shapes, sizes = attribute_groups()
+    item = items[0]
+    assert (item.attributes[0] == -100).all()  # the whole image has no label
+    for caption, attrs in zip(item.region_captions, item.attributes[1:], strict=True):
+        words = caption.split()
+        assert colours[attrs[0]] in words and shapes[attrs[1]] in words
+        assert sizes[attrs[2]] in words
+
+
+def test_grounded_statements_are_true(items):
+    """Counts, extremes and attribute bindings agree with the scene's boxes and labels."""
+    colours, shapes, _ = attribute_groups()
+    rng = np.random.default_rng(0)
+    seen = set()
+    for item in items[:200]:
+        attrs, boxes = item.attributes[1:], item.boxes[1:]
+        for words, links in grounded_statements(item, attribute_groups(), rng):
+            if words[0] == "there":
+                seen.add("count")
+                k = ("none", "one", "two", "three").index(words[2])
+                assert int((attrs[:, 0] == colours.index(words[3])).sum()) == k
+            elif words[3] == "furthest":
+                seen.add("position")
+                g = links[1]
+                axis = 0 if words[6] in ("left", "right") else 1
+                centre = (boxes[:, axis] + boxes[:, axis + 2]) / 2
+                best = centre.argmin() if words[6] in ("left", "top") else centre.argmax()
+                assert g == int(best) and shapes[attrs[g, 1]] == words[1]
+            else:
+                seen.add("binding")
+                same = (attrs[:, 0] == colours.index(words[1])).nonzero().flatten()
+                assert len(same) == 1 and shapes[attrs[same[0], 1]] == words[5]
+    assert seen == {"count", "position", "binding"}
+
+
+def test_hard_negatives_are_mismatched(items, words):
+    """Every negative differs from a true text of its image in its words or its grounding,
+    and about half of the pairs are negatives."""
+    from cliptd.pretrain import build_tokenizer
+
+    tok = build_tokenizer(words)
+    cfg = PretrainConfig(batch_size=256)
+    batch = make_batch(items, tok, np.random.default_rng(0), cfg,
+                       attribute_groups=attribute_groups())
+    share = batch["itm_labels"].float().mean().item()
+    assert 0.35 < share < 0.65
+    assert batch["region_attributes"].shape[:2] == batch["boxes"].shape[:2]
+    # grounded tokens point at real regions of their own image
+    regions = batch["token_regions"]
+    for b in range(len(regions)):
+        linked = regions[b][regions[b] >= 0]
+        assert (batch["region_mask"][b, linked]).all()
+
+
+def _losses(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k.split("/")[-1] in ("mlm", "itm", "attr")
+            or k == "step"}
+
+
+def test_loop_is_deterministic_and_resumes_exactly(corpus, words, tmp_path):
+    """Same seed, same losses; a run resumed from its step-2 checkpoint ends with the
+    uninterrupted run's weights and metrics."""
+    runs = []
+    for keep in (tmp_path / "a", None):
+        rt = LocalRuntime(keep_dir=keep)
+        task = pretrain_loop(_cfg(corpus, words), rt)
+        runs.append(([_losses(h) for h in rt.history], task.state_dict()))
+    assert runs[0][0] == runs[1][0]
+    assert runs[0][0][-1]["step"] == 4 and "pretrain/attr" in runs[0][0][-1]
+    rt = LocalRuntime(resume_from=tmp_path / "a" / "step-002")
+    resumed = pretrain_loop(_cfg(corpus, words), rt)
+    assert [h["step"] for h in rt.history] == [4]
+    for k in ("pretrain/mlm", "pretrain/itm", "pretrain/attr"):
+        assert rt.history[-1][k] == runs[0][0][-1][k], k
+    for k, v in resumed.state_dict().items():
+        assert torch.equal(v, runs[0][1][k]), k
+    other = LocalRuntime()
+    pretrain_loop(_cfg(corpus, words, seed=1), other)
+    assert other.history[0]["pretrain/mlm"] != runs[0][0][0]["pretrain/mlm"]
+
+
+def test_export_is_a_student_fine_tuning_loads(corpus, words, tmp_path):
+    rt = LocalRuntime(keep_dir=tmp_path / "ckpt")
+    task = pretrain_loop(_cfg(corpus, words), rt)
+    out = export_pretrained(tmp_path / "ckpt" / "step-004", tmp_path / "student")
+    student, tokenizer = load_student(out, task_head="classify", num_outputs=3)
+    assert len(tokenizer) == task.student.cfg.vocab_size
+    for k, v in task.student.state_dict().items():
+        if not k.startswith("head."):
+            assert torch.equal(v, student.state_dict()[k]), k
+    assert not any(k.startswith(("mlm", "itm", "attributes")) for k in student.state_dict())
+
+
+def test_cli_refuses_bad_corpus(tmp_path):
+    import subprocess
+
+    bad = tmp_path / "bad.parquet"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"image_png": [b""], "captions": [["a"]]}), bad)
+    for corpus, message in ((tmp_path / "missing.parquet", "no such corpus file"),
+                            (bad, "lacks the column(s) ['boxes', 'height', 'region_captions'")):
+        proc = subprocess.run([sys.executable, "-m", "cliptd.pretrain", "--corpus", str(corpus),
+                               "--out", str(tmp_path / "out")], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_cli_pretrains_on_ray_train_with_mlflow(corpus, tiny_world, tmp_path):
+    """``python -m cliptd.pretrain`` on Ray Train with 2 data-parallel workers: the run is
+    in MLflow with its metrics per checkpoint, and the exported student fine-tunes."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "student"
+    cmd = [sys.executable, "-m", "cliptd.pretrain", "--corpus", str(corpus), "--out", str(out),
+           "--steps", "4", "--batch-size", "8", "--checkpoint-every", "2", "--workers", "2",
+           "--cpus-per-worker", "0.5", "--storage-path", str(tmp_path / "ray"),
+           "--tracking-uri", uri, "--name", "pt", "--vocab-from", str(tiny_world.data["vcr"])]
+    proc = run_cli(cmd, env, tmp_path, 600, tmp_path / "pretrain.log")
+    text = (tmp_path / "pretrain.log").read_text()
+    assert proc.returncode == 0, text[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name("cliptd-pretrain")
+    (run,) = c.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["steps"] == "4"
+    history = c.get_metric_history(run.info.run_id, "pretrain/mlm")
+    assert sorted(m.step for m in history) == [2, 4]
+    assert run.data.metrics["pretrain/workers"] == 2
+    from cliptd.train import LocalRuntime as Local
+    from cliptd.train import train_loop
+
+    rt = Local()
+    train_loop({"task": "vcr", "data": str(tiny_world.data["vcr"]), "student": str(out),
+                "preset": "synthetic", "epochs": 1, "batch_size": 8,
+                "distill": {"method": "none"}}, rt)
+    assert rt.history[-1]["val/id/q_a"] >= 0
