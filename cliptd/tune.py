@@ -4,6 +4,7 @@
     python -m cliptd.tune --task vcr                    # the embedded synthetic world
     python -m cliptd.tune --task vcr --budget small     # a first look (~minutes)
     python -m cliptd.tune --task vcr --resume           # continue a killed sweep
+    python -m cliptd.tune --task vcr --budget small --num-samples 50   # trials per search
     python -m cliptd.tune --task vcr --tracking-uri http://127.0.0.1:5000 \\
         --storage-path s3://bucket/cliptd --workers 2 --gpus-per-worker 1   # on a cluster
 
@@ -21,6 +22,7 @@ that ASHA compares on), exactly as a re-run would be.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -337,6 +339,17 @@ def write_best(out: Path, condition: str, method: str, base: dict, sample: dict)
     return path
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse turns the error into a usage message)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cliptd.tune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -353,6 +366,8 @@ def main(argv=None) -> int:
     parser.add_argument("--student", help="pretrained student folder (with --data)")
     parser.add_argument("--teacher-cache", type=Path, help="teacher cache folder (with --data)")
     parser.add_argument("--methods", help="comma-separated subset of the space's methods")
+    parser.add_argument("--num-samples", type=positive_int, metavar="N",
+                        help="trials per search (overrides the budget's num_samples)")
     parser.add_argument("--out", type=Path, help="local output folder (default runs/<name>)")
     args = parser.parse_args(argv)
     start = time.time()
@@ -361,6 +376,8 @@ def main(argv=None) -> int:
         if space.task != args.task:
             raise SpaceError(f"{space.path}: task: {space.task!r} but --task {args.task}")
         budget = space.budgets[args.budget]
+        if args.num_samples is not None:  # recorded with the budget in the sweep's sweep.json
+            budget = dataclasses.replace(budget, num_samples=args.num_samples)
         methods = args.methods.split(",") if args.methods else \
             (budget.methods or space.methods)
         for m in methods:

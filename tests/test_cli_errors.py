@@ -24,6 +24,10 @@ def _run(tmp: Path, module: str, *args: str) -> subprocess.CompletedProcess:
     (["--task", "gqa"], "invalid choice: 'gqa'"),
     (["--task", "vcr", "--methods", "none,distil"], "'distil' is not in"),
     (["--task", "vcr", "--budget", "huge"], "invalid choice: 'huge'"),
+    (["--task", "vcr", "--num-samples", "0"], "--num-samples: expected a positive integer, "
+     "got 0"),
+    (["--task", "vcr", "--num-samples", "many"], "--num-samples: expected a positive "
+     "integer, got 'many'"),
     (["--task", "snli_ve", "--space", str(REPO / "tune_spaces" / "vcr.yaml")],
      "task: 'vcr' but --task snli_ve"),
 ])
