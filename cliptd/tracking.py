@@ -5,6 +5,14 @@ children), never by an in-memory map, so a resumed sweep reuses its runs instead
 duplicates. ``RunLogger`` never drops a metric: when the tracking server is unreachable it
 keeps the records in a local JSONL buffer, logs the gap, and replays them once the server
 answers again.
+
+A sweep rides out an outage of the tracking server (up to ``CLIPTD_TRACKING_PATIENCE_S``,
+default 30 min): every call it makes itself goes through ``patiently`` (retried every few
+seconds, the gap logged when it starts and when it ends), and closing a trial replays what
+its logger could not send before its process ended (``replay_buffer``; Tune stops a trial
+as soon as it reports its last epoch, before its logger's ``close`` can wait), then fills
+in from Ray's own results any epoch still missing (``backfill``: a buffer left on another
+node).
 """
 
 from __future__ import annotations
@@ -44,6 +52,67 @@ def client(uri: str):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
+
+
+def fail_fast(timeout_s: int = 10) -> None:
+    """MLflow's HTTP client retries 7 times with exponential backoff (minutes per call, and
+    up to two more minutes asleep after the server is back): this process fails fast
+    instead, and its callers retry (``RunLogger``'s buffer, ``patiently``). Call it in each
+    process before its first request."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(timeout_s))
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A failure worth retrying: the server unreachable, timing out, overloaded or
+    restarting (connection errors, 5xx, 429). A refused request (a bad value, a missing
+    run) is not: retrying it would only hide the bug."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        return exc.error_code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE",
+                                  "REQUEST_LIMIT_EXCEEDED")
+    # requests' and urllib3's errors are OSErrors; SQLite's "database is locked" is an
+    # sqlalchemy OperationalError
+    return isinstance(exc, OSError) or type(exc).__name__ == "OperationalError"
+
+
+def patience_s() -> float:
+    return float(os.environ.get("CLIPTD_TRACKING_PATIENCE_S", 1800))
+
+
+def patiently(fn, what: str, *, patience: float | None = None, wait_s: float = 2.0,
+              max_wait_s: float = 10.0):
+    """``fn()``, retried while the tracking server is unreachable (``is_transient``).
+
+    The gap is logged when it starts and when it ends; after ``patience`` seconds
+    (``CLIPTD_TRACKING_PATIENCE_S``, default 30 min) the last error is raised. ``fn`` must be
+    safe to call again after a failure (find-or-create, set a tag, replay a buffer)."""
+    patience = patience_s() if patience is None else patience
+    start, wait, failures = time.time(), wait_s, 0
+    while True:
+        try:
+            out = fn()
+        except Exception as exc:
+            waited = time.time() - start
+            if not is_transient(exc) or waited >= patience:
+                if failures:
+                    log.warning("MLflow still unreachable after %.0f s while %s: giving up",
+                                waited, what)
+                raise
+            if not failures:
+                log.warning("MLflow unreachable while %s (%s: %s); retrying every %g-%g s "
+                            "for up to %.0f s", what, type(exc).__name__,
+                            str(exc).splitlines()[0][:200] if str(exc) else "", wait_s,
+                            max_wait_s, patience)
+            failures += 1
+            time.sleep(min(wait, max(0.0, patience - waited)))
+            wait = min(wait * 1.5, max_wait_s)
+            continue
+        if failures:
+            log.warning("MLflow reachable again after %.0f s (%d failed attempts) while %s",
+                        time.time() - start, failures, what)
+        return out
 
 
 def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
@@ -89,19 +158,22 @@ def find_or_create_parent(uri: str, experiment_id: str, sweep_id: str, name: str
 def find_or_create_trial_run(uri: str, experiment_id: str, parent_run_id: str, trial_id: str,
                              name: str, tags: dict, params: dict) -> tuple[str, bool]:
     """(run_id, created). The parent is set explicitly: Ray does not nest runs."""
-    c = client(uri)
-    run = _find_run(c, experiment_id, "cliptd.trial_id", trial_id)
-    if run:
-        return run.info.run_id, False
-    run = c.create_run(experiment_id, run_name=name, tags={
-        "mlflow.parentRunId": parent_run_id, "cliptd.trial_id": trial_id,
-        "cliptd.kind": "trial", **{k: str(v) for k, v in tags.items()}})
     from mlflow.entities import Param
 
-    flat = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
-    for i in range(0, len(flat), 100):
-        c.log_batch(run.info.run_id, params=flat[i: i + 100])
-    return run.info.run_id, True
+    c = client(uri)
+    run = _find_run(c, experiment_id, "cliptd.trial_id", trial_id)
+    created = run is None
+    if created:
+        run = c.create_run(experiment_id, run_name=name, tags={
+            "mlflow.parentRunId": parent_run_id, "cliptd.trial_id": trial_id,
+            "cliptd.kind": "trial", **{k: str(v) for k, v in tags.items()}})
+    # a run without params was created by a call that failed before logging them (the
+    # server went away): called again (``patiently``), this one logs them
+    if created or not run.data.params:
+        flat = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        for i in range(0, len(flat), 100):
+            c.log_batch(run.info.run_id, params=flat[i: i + 100])
+    return run.info.run_id, created
 
 
 class RunLogger:
@@ -113,10 +185,8 @@ class RunLogger:
                                                    Path.home() / ".cache/cliptd/mlflow-buffer"))
         folder.mkdir(parents=True, exist_ok=True)
         self.buffer = folder / f"{run_id}.jsonl"
-        # MLflow's HTTP client retries 7 times with backoff (minutes per call): training must
-        # not stall on a dead server, so fail fast and let the buffer do the retrying.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        # training must not stall on a dead server: fail fast, the buffer does the retrying
+        fail_fast()
         self._client = client(uri)
         self.gap_started: float | None = None
         self._refused: set[str] = set()
@@ -129,7 +199,9 @@ class RunLogger:
             f.write(json.dumps(rec) + "\n")
         self.flush()
 
-    def flush(self) -> bool:
+    def flush(self, announce: bool = True) -> bool:
+        """Send the buffer, oldest first; False (the rest kept) while the server is away.
+        ``announce``: log the start of a gap (``replay_buffer``'s caller logs its own)."""
         from mlflow.entities import Metric
 
         if not self.buffer.exists():
@@ -150,36 +222,118 @@ class RunLogger:
                 os.replace(tmp, self.buffer)
             if self.gap_started is None:
                 self.gap_started = time.time()
-                log.warning("MLflow at %s unreachable (%s); buffering metrics in %s",
-                            self.uri, type(exc).__name__, self.buffer)
+                if announce:
+                    log.warning("MLflow at %s unreachable (%s); buffering metrics in %s",
+                                self.uri, type(exc).__name__, self.buffer)
             return False
         if self.gap_started is not None:
-            log.warning("MLflow reachable again after %.0f s; replayed %d buffered records",
-                        time.time() - self.gap_started, len(records))
+            gap = time.time() - self.gap_started
+            log.warning("MLflow reachable again after %.0f s; replayed %d buffered records "
+                        "of run %s", gap, len(records), self.run_id)
             self.gap_started = None
+            try:  # the gap in the run itself, at the step logged last
+                self._client.log_metric(self.run_id, "sys/tracking_gap_s", round(gap, 1),
+                                        step=records[-1]["step"] if records else 0)
+            except Exception:  # noqa: BLE001 - a figure about the outage, never worth a retry
+                pass
         self.buffer.unlink(missing_ok=True)
         return True
 
     def _valid(self, key: str) -> bool:
         """MLflow refuses a whole batch over one malformed metric name, which the buffer
         would then retry forever: such a name is dropped, once, with a warning naming it."""
-        from mlflow.exceptions import MlflowException
-        from mlflow.utils.validation import _validate_metric_name
-
-        try:
-            _validate_metric_name(key)
-            return True
-        except MlflowException as exc:
-            if key not in self._refused:
-                self._refused.add(key)
-                log.warning("metric %r of run %s is not a valid MLflow name, not logged: %s",
-                            key, self.run_id, exc.message)
-            return False
+        return valid_metric_name(key, self.run_id, self._refused)
 
     def close(self, attempts: int = 5, wait_s: float = 2.0) -> None:
         for _ in range(attempts):
             if self.flush():
                 return
             time.sleep(wait_s)
-        log.warning("MLflow still unreachable; %s keeps the unsent metrics of run %s",
-                    self.buffer, self.run_id)
+        log.warning("MLflow still unreachable; %s keeps the unsent metrics of run %s (a "
+                    "sweep replays them when it closes the trial)", self.buffer, self.run_id)
+
+
+def valid_metric_name(key: str, run_id: str, refused: set[str]) -> bool:
+    """Whether MLflow accepts ``key``; a refused name is warned about once per ``refused``."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_metric_name
+
+    try:
+        _validate_metric_name(key)
+        return True
+    except MlflowException as exc:
+        if key not in refused:
+            refused.add(key)
+            log.warning("metric %r of run %s is not a valid MLflow name, not logged: %s",
+                        key, run_id, exc.message)
+        return False
+
+
+def replay_buffer(uri: str, run_id: str, buffer_dir: str | None = None) -> int:
+    """Send what a run's logger left buffered when its process ended (killed, or the server
+    still away after ``close``). Returns the records sent; raises while the server is
+    unreachable (``is_transient``: retry it with ``patiently``)."""
+    logger = RunLogger(uri, run_id, buffer_dir)
+    if not logger.buffer.exists():
+        return 0
+    records = [json.loads(line) for line in logger.buffer.read_text().splitlines() if line]
+    # A record already in MLflow (its process sent it, then died before rewriting its
+    # buffer) is not sent twice: a record is one log_batch, so its first metric at the
+    # record's step and timestamp stands for all of it.
+    history: dict[str, set] = {}
+    unsent = []
+    for r in records:
+        if r["metrics"]:
+            key = next(iter(r["metrics"]))
+            if key not in history:
+                history[key] = {(m.step, m.timestamp) for m in
+                                logger._client.get_metric_history(run_id, key)}
+            if (r["step"], r["ts"]) in history[key]:
+                continue
+        unsent.append(r)
+    if len(unsent) < len(records):
+        tmp = logger.buffer.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in unsent))
+        os.replace(tmp, logger.buffer)
+    pending = len(unsent)
+    if not logger.flush(announce=False):  # no line per retry: ``patiently`` logs the gap
+        raise ConnectionError(f"MLflow at {uri} unreachable: {logger.buffer} not replayed")
+    log.warning("replayed %d buffered record(s) of run %s from %s", pending, run_id,
+                logger.buffer)
+    return pending
+
+
+# Tune's own keys in a trial's results, not the loop's metrics
+_RAY_KEYS = {"timestamp", "checkpoint_dir_name", "should_checkpoint", "done",
+             "training_iteration", "trial_id", "date", "time_this_iter_s", "time_total_s",
+             "pid", "hostname", "node_ip", "time_since_restore", "iterations_since_restore"}
+
+
+def backfill(uri: str, run_id: str, results: list[dict]) -> int:
+    """Log the epochs that Ray recorded for a run (``results``: one dict per reported epoch,
+    as Tune keeps them) but MLflow lacks, e.g. a buffer left on another node. Each epoch is
+    logged whole, at its step, or not at all; returns the epochs logged."""
+    from mlflow.entities import Metric
+
+    c = client(uri)
+    have = {m.step for m in c.get_metric_history(run_id, "epoch")}
+    refused: set[str] = set()
+    sent = 0
+    for row in results:
+        row = {k: v.item() if hasattr(v, "item") else v for k, v in row.items()}  # numpy
+        epoch = row.get("epoch")
+        if not isinstance(epoch, (int, float)) or epoch != epoch or int(epoch) in have:
+            continue
+        ts = int(float(row.get("timestamp") or time.time()) * 1000)
+        metrics = [Metric(k, float(v), ts, int(epoch)) for k, v in row.items()
+                   if k not in _RAY_KEYS and not k.startswith("config/")
+                   and isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+                   and valid_metric_name(k, run_id, refused)]
+        for i in range(0, len(metrics), 500):
+            c.log_batch(run_id, metrics=metrics[i: i + 500])
+        have.add(int(epoch))
+        sent += 1
+    if sent:
+        log.warning("run %s: %d epoch(s) missing from MLflow logged from Ray's results",
+                    run_id, sent)
+    return sent

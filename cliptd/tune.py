@@ -62,11 +62,15 @@ def train_driver_fn(config: dict, meta: dict) -> None:
             "subset_seed": cfg["subset_seed"], "phase": meta["phase"],
             "sweep": meta["sweep_id"]}
     if meta.get("tracking_uri"):
-        run_id, _ = tracking.find_or_create_trial_run(
+        # the server away when a trial starts: the trial waits for it (the trials already
+        # running keep training, their metrics buffered), logging the gap
+        tracking.fail_fast(timeout_s=30)
+        run_id, _ = tracking.patiently(lambda: tracking.find_or_create_trial_run(
             meta["tracking_uri"], meta["experiment_id"], meta["parent_run_id"], trial_id,
             name=f"{meta['condition']}/{cfg['distill']['method']}/{ctx.get_trial_name()}",
             tags=tags, params={**cfg, "searcher_seed": meta["searcher_seed"],
-                               "versions": meta["versions"]})
+                               "versions": meta["versions"]}),
+            f"opening the MLflow run of trial {trial_id}")
         cfg["tracking"] = {"uri": meta["tracking_uri"], "run_id": run_id}
     trainer = make_trainer(
         cfg, name=f"{meta['sweep_id']}-{ctx.get_trial_id()}".replace("/", "-"),
@@ -229,6 +233,9 @@ def rerun_seeds(job: dict, concurrency: int) -> dict:
 
 def run_job(job: dict, concurrency: int) -> dict:
     """One search or seeds job, run as a Ray task so that several share the cluster."""
+    from cliptd import tracking
+
+    tracking.fail_fast(timeout_s=30)  # its MLflow calls retry through tracking.patiently
     return search(job, concurrency) if job["kind"] == "search" else \
         rerun_seeds(job, concurrency)
 
@@ -272,11 +279,15 @@ def run_jobs(jobs: list[dict], resources: dict, on_done) -> None:
 
 
 def close_runs(grid, meta: dict, phase: str) -> list[dict]:
-    """Mark each trial's MLflow run finished (Ray does not) with its final metrics."""
+    """Mark each trial's MLflow run finished (Ray does not) with its final metrics.
+
+    First its metrics are made whole: Tune stops a trial as soon as it reports its last
+    epoch, so an epoch logged while the server was away can still sit in the trial's local
+    buffer (replayed here), or, on another node, only in Ray's results (filled in)."""
     from cliptd import tracking
 
     records = []
-    c = tracking.client(meta["tracking_uri"]) if meta.get("tracking_uri") else None
+    uri = meta.get("tracking_uri")
     for r in grid:
         m = r.metrics or {}
         trial_id = f"{meta['sweep_id']}/{m['trial_id']}" if m.get("trial_id") else None
@@ -284,20 +295,39 @@ def close_runs(grid, meta: dict, phase: str) -> list[dict]:
         records.append({"phase": phase, "metrics": m, "config": cfg,
                         "error": None if r.error is None else str(r.error),
                         "seed": cfg.get("seed", 0), "trial_id": trial_id})
-        if c is None or trial_id is None:
+        if uri is None or trial_id is None:
             continue
-        runs = c.search_runs([meta["experiment_id"]],
-                             filter_string=f"tags.`cliptd.trial_id` = '{trial_id}'")
-        for run in runs:
-            status = "FAILED" if r.error else "FINISHED"
-            if m.get("epoch", 0) and run.info.status == "RUNNING":
-                c.set_tag(run.info.run_id, "cliptd.early_stopped",
-                          str(m.get("epoch") < meta["epochs"]))
-                c.set_tag(run.info.run_id, "cliptd.best_checkpoint",
-                          str(r.checkpoint.path) if r.checkpoint else "")
-            if run.info.status == "RUNNING":
-                c.set_terminated(run.info.run_id, status=status)
+        tracking.patiently(lambda r=r, m=m, trial_id=trial_id: _close_run(
+            uri, meta, r, m, trial_id), f"closing the MLflow run of trial {trial_id}")
     return records
+
+
+def _ray_results(result) -> list[dict]:
+    """Every result Ray recorded for a trial (one per epoch), [] when it has none."""
+    try:
+        df = result.metrics_dataframe
+    except Exception:  # noqa: BLE001 - a trial that never reported has no progress file
+        return []
+    return [] if df is None else df.to_dict("records")
+
+
+def _close_run(uri: str, meta: dict, result, m: dict, trial_id: str) -> None:
+    from cliptd import tracking
+
+    c = tracking.client(uri)
+    runs = c.search_runs([meta["experiment_id"]],
+                         filter_string=f"tags.`cliptd.trial_id` = '{trial_id}'")
+    for run in runs:
+        tracking.replay_buffer(uri, run.info.run_id)
+        tracking.backfill(uri, run.info.run_id, _ray_results(result))
+        status = "FAILED" if result.error else "FINISHED"
+        if m.get("epoch", 0) and run.info.status == "RUNNING":
+            c.set_tag(run.info.run_id, "cliptd.early_stopped",
+                      str(m.get("epoch") < meta["epochs"]))
+            c.set_tag(run.info.run_id, "cliptd.best_checkpoint",
+                      str(result.checkpoint.path) if result.checkpoint else "")
+        if run.info.status == "RUNNING":
+            c.set_terminated(run.info.run_id, status=status)
 
 
 def mark_compared(meta: dict, record: dict) -> None:
@@ -306,10 +336,14 @@ def mark_compared(meta: dict, record: dict) -> None:
 
     if not (meta.get("tracking_uri") and record.get("trial_id")):
         return
-    c = tracking.client(meta["tracking_uri"])
-    for run in c.search_runs([meta["experiment_id"]], filter_string=(
-            f"tags.`cliptd.trial_id` = '{record['trial_id']}'")):
-        c.set_tag(run.info.run_id, "cliptd.compare", "true")
+
+    def tag() -> None:
+        c = tracking.client(meta["tracking_uri"])
+        for run in c.search_runs([meta["experiment_id"]], filter_string=(
+                f"tags.`cliptd.trial_id` = '{record['trial_id']}'")):
+            c.set_tag(run.info.run_id, "cliptd.compare", "true")
+
+    tracking.patiently(tag, f"tagging trial {record['trial_id']} as compared")
 
 
 def sweep_name(args) -> str:
@@ -409,20 +443,26 @@ def main(argv=None) -> int:
     except (ValueError, DataError, FileNotFoundError) as exc:
         die(str(exc))
     init_ray(args)
+    # after Ray's start, so that its workers keep MLflow's defaults until they call it too
+    tracking.fail_fast(timeout_s=30)
     resources = plan_resources(args, budget)
     versions = package_versions()
-    experiment_id = tracking.get_experiment(uri, f"cliptd-{args.task}")
-    parent = tracking.find_or_create_parent(uri, experiment_id, name, name, {
-        "task": args.task, "budget": args.budget, "space": str(space.path)})
+    experiment_id = tracking.patiently(lambda: tracking.get_experiment(
+        uri, f"cliptd-{args.task}"), "opening the experiment")
+    parent = tracking.patiently(lambda: tracking.find_or_create_parent(
+        uri, experiment_id, name, name, {"task": args.task, "budget": args.budget,
+                                         "space": str(space.path)}),
+        "opening the sweep's parent run")
     meta = {"sweep_id": name, "tracking_uri": uri, "experiment_id": experiment_id,
             "parent_run_id": parent, "storage_path": args.storage_path,
             "workers": args.workers, "gpus_per_worker": args.gpus_per_worker,
             "cpus_per_worker": resources["cpus_per_worker"], "max_failures": args.max_failures,
             "searcher_seed": args.searcher_seed, "versions": versions, "epochs": budget.epochs}
     c = tracking.client(uri)
-    c.log_dict(parent, {"space": str(space.path), "budget": vars(budget), "resources": resources,
-                        "versions": versions, "base": base, "args": {
-                            k: str(v) for k, v in vars(args).items()}}, "sweep.json")
+    tracking.patiently(lambda: c.log_dict(parent, {
+        "space": str(space.path), "budget": vars(budget), "resources": resources,
+        "versions": versions, "base": base, "args": {
+            k: str(v) for k, v in vars(args).items()}}, "sweep.json"), "logging sweep.json")
     print(f"[cliptd] sweep {name}: {len(space.conditions())} condition(s) × {len(methods)} "
           f"method(s), {budget.num_samples} trials each, then {budget.seeds} seed(s); "
           f"{resources['concurrency']} trial(s) at once, {args.workers} worker(s) each")
@@ -480,9 +520,12 @@ def main(argv=None) -> int:
     md, csv_text = to_markdown(rows), to_csv(rows)
     (out / "comparison.md").write_text(md)
     (out / "comparison.csv").write_text(csv_text)
-    c.log_artifact(parent, str(out / "comparison.md"))
-    c.log_artifact(parent, str(out / "comparison.csv"))
-    c.set_terminated(parent, status="FINISHED")
+    def close_parent() -> None:
+        c.log_artifact(parent, str(out / "comparison.md"))
+        c.log_artifact(parent, str(out / "comparison.csv"))
+        c.set_terminated(parent, status="FINISHED")
+
+    tracking.patiently(close_parent, "closing the sweep's parent run")
     print("\n== Trials (search) ==")
     for s in summary:
         knobs = ", ".join(f"{k}={describe(v)}" for k, v in sorted(s["sample"].items()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # Offline and quiet before anything imports transformers / open_clip / mlflow.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,5 +35,9 @@ def tiny_world(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def world_cache(tmp_path_factory):
-    """One embedded world (budget small) shared by the CLI tests: built by the first run."""
+    """One embedded world (budget small) shared by the CLI tests: built by the first run.
+    ``CLIPTD_TEST_WORLD_CACHE=<folder>`` reuses one across sessions (running a single CLI
+    test again then skips the ~1-2 min build)."""
+    if os.environ.get("CLIPTD_TEST_WORLD_CACHE"):
+        return Path(os.environ["CLIPTD_TEST_WORLD_CACHE"]).resolve()
     return tmp_path_factory.mktemp("cliptd-cache")
