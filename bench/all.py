@@ -5,6 +5,7 @@ README's "Benchmarks" section as Markdown, each figure with the command that mea
     .venv/bin/python bench/all.py --out bench/results/benchmarks.json      # ≈ 12 min
     .venv/bin/python bench/all.py --only step,data --out /tmp/some.json    # a subset
     .venv/bin/python bench/all.py --markdown bench/results/benchmarks.json # reprint
+    .venv/bin/python bench/all.py --only load --out /tmp/load.json        # ≈ 15 min, optional
 
 Ratios are measured within one run (this machine is noisy); absolute times are this
 machine's.
@@ -33,10 +34,15 @@ BENCHMARKS = {
     "startup": ([PY, "bench/trial_startup.py"], "launch → first training step of a trial"),
     "scaling": ([PY, "bench/scaling.py"], "real-size models' FLOPs and a real sweep's cost"),
 }
+# Run only when named in --only: a check more than a figure, and minutes long
+OPTIONAL = {
+    "load": ([PY, "bench/load_test.py"], "a 50-trial sweep on the small budget: every trial "
+             "in MLflow, memory of its first vs last 10 trials (≈ 15 min)"),
+}
 
 
 def run(name: str) -> dict:
-    cmd, what = BENCHMARKS[name]
+    cmd, what = {**BENCHMARKS, **OPTIONAL}[name]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / f"{name}.json"
         start = time.time()
@@ -90,6 +96,19 @@ def markdown(results: dict) -> str:
                 f"GFLOP; full sweep ({len(t['sweep']['methods'])} methods) GPU-h at shots "
                 f"{gpu_h} (assumed "
                 f"{f['assumed_gpu_tflops'] * f['assumed_mfu']:.1f} TFLOPS)", "scaling")
+    if "load" in results:
+        f = results["load"]["figures"]
+        t, m = f["trials"], f["memory"]
+        g, w = m["growth"], m["window"]
+        row(f"load: {f['num_samples']}-trial sweep, small budget",
+            f"{t['finished']} of {t['tune']} Tune trials FINISHED in MLflow, one run each, "
+            f"in {f['wall_s'] / 60:.0f} min; first vs last {w} trials: worker peak RSS "
+            f"(epoch 1) {m['first']['peak_rss_mb_epoch1']['mean']:.0f} → "
+            f"{m['last']['peak_rss_mb_epoch1']['mean']:.0f} MB "
+            f"({g['peak_rss_epoch1_mean']:+.1%}), machine used "
+            f"{m['first']['machine_used_mb']['mean']:.0f} → "
+            f"{m['last']['machine_used_mb']['mean']:.0f} MB ({g['machine_used_mean']:+.1%})",
+            "load")
     head = "| what | figure | command |\n| --- | --- | --- |\n"
     return head + "\n".join(rows) + "\n"
 
@@ -97,7 +116,8 @@ def markdown(results: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", help=f"comma-separated subset of {sorted(BENCHMARKS)}")
+    parser.add_argument("--only", help=f"comma-separated subset of {sorted(BENCHMARKS)}, or "
+                        f"the optional {sorted(OPTIONAL)} (only run when named)")
     parser.add_argument("--out", type=Path, help="the gathered JSON")
     parser.add_argument("--markdown", type=Path, help="reprint the section from a JSON")
     args = parser.parse_args(argv)
@@ -105,9 +125,10 @@ def main(argv=None) -> int:
         print(markdown(json.loads(args.markdown.read_text())["benchmarks"]))
         return 0
     names = args.only.split(",") if args.only else list(BENCHMARKS)
-    unknown = set(names) - set(BENCHMARKS)
+    unknown = set(names) - set(BENCHMARKS) - set(OPTIONAL)
     if unknown:
-        parser.error(f"unknown benchmarks {sorted(unknown)}; known: {sorted(BENCHMARKS)}")
+        parser.error(f"unknown benchmarks {sorted(unknown)}; known: {sorted(BENCHMARKS)}, "
+                     f"optional: {sorted(OPTIONAL)}")
     results = {name: run(name) for name in names}
     if args.out:
         from cliptd.tune import package_versions
