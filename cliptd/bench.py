@@ -81,11 +81,14 @@ def bench_step(base: dict, teacher_spec, steps: int, batch_size: int) -> dict:
 
 
 def bench_science(base: dict, shots: list, seeds: int, methods: list[str], epochs: int,
-                  extra: dict) -> list[dict]:
+                  extra: dict, partial: Path | None = None) -> list[dict]:
+    """Every (shots, seed, method) run; seeds outermost within a shot level, so a run cut
+    short still holds whole seeds of every method. ``partial``: the records so far are
+    rewritten there (atomically) after each run."""
     records = []
     for s in shots:
-        for method in methods:
-            for seed in range(seeds):
+        for seed in range(seeds):
+            for method in methods:
                 cfg = resolve_config({**base, **extra, "shots": s, "seed": seed,
                                       "subset_seed": seed, "epochs": epochs,
                                       "distill": {**extra.get("distill", {}), "method": method}})
@@ -99,6 +102,10 @@ def bench_science(base: dict, shots: list, seeds: int, methods: list[str], epoch
                       f"{final.get('val/id/q_a', final.get('score')):.3f}  shifted q_a="
                       f"{final.get('val/shift/q_a', float('nan')):.3f}  "
                       f"({time.time() - t:.0f} s)", flush=True)
+                if partial:
+                    tmp = partial.with_suffix(".tmp")
+                    tmp.write_text(json.dumps({"records": records}, indent=1, default=str))
+                    tmp.replace(partial)
     return records
 
 
@@ -223,19 +230,28 @@ def main(argv=None) -> int:
         extra = yaml.safe_load(args.config.read_text()) if args.config else {}
         shots = [s if s.startswith("k") else float(s) for s in args.shots.split(",")]
         extra = {"min_steps": args.min_steps, "lr": args.lr, **(extra or {})}
+        partial = args.out.with_suffix(".partial.json") if args.out else None
+        if partial:
+            partial.parent.mkdir(parents=True, exist_ok=True)
         records = bench_science(base, shots, args.seeds, args.methods.split(","), args.epochs,
-                                extra)
+                                extra, partial)
         metrics = {"in-domain q_a": "val/id/q_a", "shifted q_a": "val/shift/q_a"}
         qtypes = sorted({k.split("/")[3] for r in records for k in r["metrics"]
                          if k.startswith("val/id/qtype/")})
         for q in qtypes:
             metrics[f"in-domain q_a [{q}]"] = f"val/id/qtype/{q}/q_a"
+        for q in qtypes:
+            metrics[f"shifted q_a [{q}]"] = f"val/shift/qtype/{q}/q_a"
         rows = comparison_rows(records, metrics)
         print(to_markdown(rows))
-        res = {"records": records, "rows": rows}
+        res = {"records": records, "rows": rows, "student": str(world.student),
+               "student_pretrain": json.loads((world.student / "student_config.json")
+                                              .read_text()).get("pretrain"),
+               "extra_config": extra}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=2, default=str))
+        args.out.with_suffix(".partial.json").unlink(missing_ok=True)  # superseded
     return 0
 
 

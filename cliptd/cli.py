@@ -24,8 +24,8 @@ TASKS = ("vcr", "snli_ve", "vqa")
 # "default" fits the 2-core first run in 10 minutes (half-size world, shorter pre-training),
 # "full" is the world the science benchmarks use, "small" is for tests.
 WORLD_BUDGETS = {
-    "default": dict(scale=0.5, teacher_steps=350, student_steps=300),
-    "full": dict(scale=1.0, teacher_steps=600, student_steps=400),
+    "default": dict(scale=0.5, teacher_steps=350, student_steps=200),
+    "full": dict(scale=1.0, teacher_steps=600, student_steps=1000),
     "small": dict(scale=0.05, teacher_steps=30, student_steps=30),
 }
 

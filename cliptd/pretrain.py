@@ -56,9 +56,13 @@ class PretrainConfig:
     itm_prob: float = 0.5  # share of mismatched (image, caption) pairs
     seed: int = 0
     checkpoint_every: int = 100  # steps between checkpoints (and metric reports)
+    # images per batch that also get a 4-way choice: a true statement against three
+    # minimally different false ones (another count, object, shape or attribute)
+    choice_images: int = 32
 
 
 PRETRAIN_FORMAT = "cliptd-pretrain-checkpoint-v1"
+LOSSES = ("mlm", "itm", "itm_acc", "attr", "choice", "choice_acc", "align")  # shown on the bar
 
 
 class PretrainTask(nn.Module):
@@ -73,6 +77,11 @@ class PretrainTask(nn.Module):
         self.mlm = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.LayerNorm(hidden),
                                  nn.Linear(hidden, vocab))
         self.itm = nn.Linear(hidden, 2)
+        self.choice = nn.Linear(hidden, 1)  # scores each of a choice group's 4 texts
+        # word-region alignment (UNITER's WRA, MDETR's contrastive alignment): a word's state
+        # scores the regions of its image; trained toward the objects the word refers to
+        self.align_text = nn.Linear(hidden, hidden)
+        self.align_region = nn.Linear(hidden, hidden)
         # Region attribute classification on the backbone's region features, as BUTD's
         # detector (VisualBERT's and LXMERT's region features) is trained on Visual Genome's
         # object and attribute labels: it makes the features resolve what questions ask.
@@ -87,11 +96,23 @@ class PretrainTask(nn.Module):
         # MLM only on matched pairs: predicting words of a caption of another image would
         # teach the model to ignore the image.
         mlm_labels = batch["mlm_labels"].masked_fill(batch["itm_labels"][:, None] == 0, -100)
+        itm_rows = batch["itm_labels"] >= 0
+        itm_logits = self.itm(out.pooled[itm_rows])
         logs = {"mlm": F.cross_entropy(self.mlm(out.text_states).flatten(0, 1),
                                        mlm_labels.flatten(), ignore_index=-100),
-                "itm": F.cross_entropy(self.itm(out.pooled), batch["itm_labels"])}
-        itm_acc = (self.itm(out.pooled).argmax(-1) == batch["itm_labels"]).float().mean()
+                "itm": F.cross_entropy(itm_logits, batch["itm_labels"][itm_rows])}
+        itm_acc = (itm_logits.argmax(-1) == batch["itm_labels"][itm_rows]).float().mean()
         loss = logs["mlm"] + logs["itm"]
+        gold = batch["choice_gold"]
+        if len(gold):
+            scores = self.choice(out.pooled[~itm_rows]).view(len(gold), -1)
+            logs["choice"] = F.cross_entropy(scores, gold)
+            logs["choice_acc"] = (scores.argmax(-1) == gold).float().mean().detach()
+            loss = loss + logs["choice"]
+        align = batch["align"]
+        if len(align):
+            logs["align"] = self._alignment_loss(out, batch, align)
+            loss = loss + logs["align"]
         if len(self.attributes):
             labels = batch["region_attributes"]
             attr = sum(F.cross_entropy(head(feats).flatten(0, 1), labels[..., g].flatten(),
@@ -101,6 +122,24 @@ class PretrainTask(nn.Module):
             loss = loss + attr
         logs["itm_acc"] = itm_acc.detach()
         return loss, logs
+
+    def _alignment_loss(self, out, batch, align: torch.Tensor) -> torch.Tensor:
+        """-log of the probability mass a word puts on the objects it refers to (several
+        for "red things"), over the objects of its image."""
+        words = sorted({(int(b), int(t)) for b, t, _ in align})
+        index = {w: i for i, w in enumerate(words)}
+        rows = torch.tensor([b for b, _ in words])
+        text = self.align_text(out.text_states[rows, torch.tensor([t for _, t in words])])
+        regions = self.align_region(out.region_states[rows])  # W × R × H
+        logits = torch.einsum("wh,wrh->wr", text, regions) / text.shape[-1] ** 0.5
+        valid = batch["region_mask"][batch["image_index"][rows]].clone()
+        valid[:, 0] = False  # the whole image is never the referent
+        logits = logits.masked_fill(~valid, float("-inf"))
+        target = torch.zeros_like(logits, dtype=torch.bool)
+        for b, t, r in align.tolist():
+            target[index[(b, t)], r] = True
+        log_p = logits.log_softmax(-1)
+        return -(log_p.masked_fill(~target, float("-inf")).logsumexp(-1)).mean()
 
 
 @dataclass
@@ -200,6 +239,73 @@ def grounded_statements(item: CorpusItem, groups, rng: np.random.Generator
     return out
 
 
+def statement_choices(item: CorpusItem, groups, rng: np.random.Generator, n: int = 4
+                      ) -> tuple[list[tuple[list[str], list[int | None]]], list] | None:
+    """``n`` texts about one image, the first true, the others minimally false: the other
+    counts ("there are two red things" / "there is one red thing" / ...), the same words
+    pointed at other objects ("the square is furthest to the left" said of each object), the
+    other shapes for a colour, or a region caption with one attribute changed. None when
+    the image cannot give ``n`` distinct texts of the chosen kind. This is the contrast
+    image-text matching learns from, as a choice instead of a yes/no.
+
+    Also returns, per word of the true text, the objects it refers to (word-region
+    alignment targets, never given as input): "red things" → every red object, "left" in
+    "... furthest to the left" → that object, "red thing" → the only red object."""
+    colours, shapes, sizes = groups
+    attrs = item.attributes[1:]
+    kind = int(rng.integers(4))
+    if kind == 0:  # count
+        colour = colours[rng.integers(len(colours))]
+        k = int((attrs[:, 0] == colours.index(colour)).sum())
+        if k >= len(COUNT_WORDS):
+            return None
+
+        def count(j):
+            verb, noun = ("is", "thing") if j == 1 else ("are", "things")
+            return ["there", verb, COUNT_WORDS[j], colour, noun, "."], [None] * 6
+        others = [j for j in range(len(COUNT_WORDS)) if j != k]
+        members = tuple(int(j) for j in (attrs[:, 0] == colours.index(colour)).nonzero()
+                        .flatten())
+        refs = [None, None, None, members or None, members or None, None]
+        return [count(k)] + [count(j) for j in rng.permutation(others)[: n - 1]], refs
+    if kind == 1:  # which object is furthest
+        direction = list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]
+        g = _extreme(item.boxes[1:], direction)
+        if g is None or len(attrs) < n or (attrs[:, 1] < 0).any():
+            return None
+
+        def said_of(j):
+            return (["the", shapes[attrs[j, 1]], "is", "furthest", DIRECTIONS[direction][0],
+                     "the", direction, "."], [None, j, None, None, None, None, None, None])
+        others = [j for j in range(len(attrs)) if j != g]
+        refs = [None, None, None, (g,), None, None, (g,), None]
+        return [said_of(g)] + [said_of(int(j)) for j in rng.permutation(others)[: n - 1]], refs
+    if kind == 2:  # what shape the only thing of a colour is
+        counts = torch.bincount(attrs[:, 0].clamp(min=0), minlength=len(colours))
+        unique = [j for j in range(len(attrs)) if attrs[j, 0] >= 0 and counts[attrs[j, 0]] == 1
+                  and attrs[j, 1] >= 0]
+        if not unique or len(shapes) < n:
+            return None
+        j = unique[rng.integers(len(unique))]
+        colour, shape = colours[attrs[j, 0]], shapes[attrs[j, 1]]
+        others = [s for s in shapes if s != shape]
+        refs = [None, (j,), (j,), None, None, None, None]
+        return [(["the", colour, "thing", "is", "a", s, "."], [None] * 7)
+                for s in [shape, *rng.permutation(others)[: n - 1]]], refs
+    # a region caption against the same region with one attribute changed
+    j = int(rng.integers(len(item.region_captions)))
+    words = item.region_captions[j].split()
+    out, tries = [words], 0
+    while len(out) < n and tries < 20:
+        tries += 1
+        cand = _swap_attribute(words, rng, groups)
+        if cand is not None and cand not in out:
+            out.append(cand)
+    if len(out) < n:
+        return None
+    return [(w, [j] * len(w)) for w in out], [None] * len(words)
+
+
 def _swap_attribute(words: list[str], rng: np.random.Generator,
                     groups: tuple[tuple[str, ...], ...]) -> list[str] | None:
     """A hard negative: the same text with one attribute word (colour, shape, size, count,
@@ -281,21 +387,42 @@ def make_batch(items, tokenizer, rng: np.random.Generator, cfg: PretrainConfig,
         texts.append(words)
         regions.append(links)
         matched.append(int(match))
+    rows_image = list(range(len(idx)))
+    referents = [[None] * len(t) for t in texts]  # per row and word: objects referred to
+    choice_gold = []  # per choice group: the position of the true text among its 4 rows
+    for b in range(min(cfg.choice_images, len(idx)) if groups else 0):
+        made = statement_choices(items[idx[b]], groups, rng)
+        if made is None:
+            continue
+        choices, refs = made
+        order = rng.permutation(len(choices))  # where the true one sits
+        for c in order:
+            words, links = choices[c]
+            texts.append(list(words))
+            regions.append([-1 if r is None else r + 1 for r in links])
+            rows_image.append(b)
+            referents.append(refs if c == 0 else [None] * len(words))
+        matched.extend([-100] * len(choices))  # not ITM rows
+        choice_gold.append(int(np.argmax(order == 0)))
     enc = tokenizer(texts, is_split_into_words=True, truncation=True, max_length=max_length,
                     padding=True, return_tensors="pt")
     token_regions = torch.full_like(enc["input_ids"], -1)
+    R = max(len(items[i].boxes) for i in idx)
+    align = []  # (row, token, region): word-region alignment targets (region 0 = image)
     for b in range(len(texts)):
         for t, w in enumerate(enc.word_ids(b)):
             if w is not None:
                 token_regions[b, t] = regions[b][w]
+                for r in referents[b][w] or ():
+                    align.append((b, t, r + 1))
     input_ids = enc["input_ids"].clone()
     special = torch.tensor([[t in tokenizer.all_special_ids for t in row] for row in input_ids])
     maskable = ~special & (enc["attention_mask"] > 0)
+    maskable[len(idx):] = False  # choice rows are read whole
     masked = (torch.rand(input_ids.shape, generator=torch.Generator().manual_seed(
         int(rng.integers(2**31)))) < cfg.mask_prob) & maskable
     mlm_labels = torch.where(masked, input_ids, torch.full_like(input_ids, -100))
     input_ids[masked] = tokenizer.mask_token_id
-    R = max(len(items[i].boxes) for i in idx)
     G = items[0].attributes.shape[1]
     boxes = torch.zeros(len(idx), R, 4)
     region_mask = torch.zeros(len(idx), R, dtype=torch.bool)
@@ -309,8 +436,10 @@ def make_batch(items, tokenizer, rng: np.random.Generator, cfg: PretrainConfig,
         "images": torch.stack([items[i].image for i in idx]).float() / 255, "boxes": boxes,
         "region_mask": region_mask, "input_ids": input_ids,
         "attention_mask": enc["attention_mask"], "token_regions": token_regions,
-        "image_index": torch.arange(len(idx)), "mlm_labels": mlm_labels,
+        "image_index": torch.tensor(rows_image), "mlm_labels": mlm_labels,
         "itm_labels": torch.tensor(matched), "region_attributes": attributes,
+        "choice_gold": torch.tensor(choice_gold, dtype=torch.long),
+        "align": torch.tensor(align, dtype=torch.long).view(-1, 3),
     }
 
 
@@ -397,7 +526,7 @@ def pretrain_loop(config: dict, rt) -> PretrainTask | None:
                    "pretrain/workers": rt.world, "sys/peak_rss_mb": peak_rss_mb()}
         history.append({k: round(v, 5) for k, v in metrics.items()})
         bar.set_postfix({k.split("/")[1]: f"{v:.2f}" for k, v in metrics.items()
-                         if k.split("/")[-1] in ("mlm", "itm", "itm_acc", "attr")})
+                         if k.startswith("pretrain/") and k.split("/")[1] in LOSSES})
         rngs = _gather_rng(rng)  # every rank's sampling state, for an exact resume
         with tempfile.TemporaryDirectory() as tmp:
             folder = None

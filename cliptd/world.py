@@ -119,7 +119,8 @@ def ensure_world(cache: Path | None = None, cfg: WorldConfig | None = None, *,
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        log(f"[cliptd] pre-training the student ({cfg.student_steps} steps, MLM + ITM) on "
+        log(f"[cliptd] pre-training the student ({cfg.student_steps} steps: MLM, ITM, choice, "
+            "alignment, region attributes) on "
             f"{synthetic}/corpus/student.parquet, in a second process")
         pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         student_job = pool.submit(

@@ -21,6 +21,7 @@ from cliptd.pretrain import (
     load_corpus,
     make_batch,
     pretrain_loop,
+    statement_choices,
 )
 from cliptd.student import load_student
 from cliptd.train import LocalRuntime
@@ -86,6 +87,40 @@ def test_grounded_statements_are_true(items):
     assert seen == {"count", "position", "binding"}
 
 
+def test_statement_choices_one_true_three_false(items):
+    """The first text of a choice is true and the others are distinct; its alignment
+    targets name the objects the text is about."""
+    colours, shapes, _ = attribute_groups()
+    rng = np.random.default_rng(1)
+    kinds = set()
+    for item in items[:150]:
+        made = statement_choices(item, attribute_groups(), rng)
+        if made is None:
+            continue
+        choices, refs = made
+        texts = [tuple(w) + tuple(links) for w, links in choices]
+        assert len(choices) == 4 and len(set(texts)) == 4
+        words, links = choices[0]
+        assert len(refs) == len(words)
+        attrs = item.attributes[1:]
+        if words[0] == "there":  # the referents of "red things" are the red objects
+            kinds.add("count")
+            red = {int(j) for j in (attrs[:, 0] == colours.index(words[3])).nonzero()}
+            assert set(refs[3] or ()) == red
+            assert ("none", "one", "two", "three").index(words[2]) == len(red)
+        elif "furthest" in words:
+            kinds.add("position")
+            assert refs[6] == (links[1],) and shapes[attrs[links[1], 1]] == words[1]
+        elif words[2] == "thing":
+            kinds.add("binding")
+            (j,) = refs[1]
+            assert colours[attrs[j, 0]] == words[1] and shapes[attrs[j, 1]] == words[5]
+        else:
+            kinds.add("caption")
+            assert " ".join(words) in item.region_captions
+    assert kinds == {"count", "position", "binding", "caption"}
+
+
 def test_hard_negatives_are_mismatched(items, words):
     """Every negative differs from a true text of its image in its words or its grounding,
     and about half of the pairs are negatives."""
@@ -95,19 +130,27 @@ def test_hard_negatives_are_mismatched(items, words):
     cfg = PretrainConfig(batch_size=256)
     batch = make_batch(items, tok, np.random.default_rng(0), cfg,
                        attribute_groups=attribute_groups())
-    share = batch["itm_labels"].float().mean().item()
+    itm = batch["itm_labels"][batch["itm_labels"] >= 0]
+    assert len(itm) == 256
+    share = itm.float().mean().item()
     assert 0.35 < share < 0.65
     assert batch["region_attributes"].shape[:2] == batch["boxes"].shape[:2]
+    groups = len(batch["choice_gold"])
+    assert groups > 0 and len(batch["input_ids"]) == 256 + 4 * groups
+    assert ((batch["choice_gold"] >= 0) & (batch["choice_gold"] < 4)).all()
+    # alignment targets are real objects (never the whole image) of the row's own image
+    b, _, r = batch["align"].T
+    assert (r > 0).all() and batch["region_mask"][batch["image_index"][b], r].all()
     # grounded tokens point at real regions of their own image
     regions = batch["token_regions"]
     for b in range(len(regions)):
         linked = regions[b][regions[b] >= 0]
-        assert (batch["region_mask"][b, linked]).all()
+        assert (batch["region_mask"][batch["image_index"][b], linked]).all()
 
 
 def _losses(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if k.split("/")[-1] in ("mlm", "itm", "attr")
-            or k == "step"}
+    return {k: v for k, v in metrics.items() if k.split("/")[-1] in ("mlm", "itm", "attr", "choice", "align")
+            or k == "step"}  # not timings
 
 
 def test_loop_is_deterministic_and_resumes_exactly(corpus, words, tmp_path):
@@ -123,7 +166,8 @@ def test_loop_is_deterministic_and_resumes_exactly(corpus, words, tmp_path):
     rt = LocalRuntime(resume_from=tmp_path / "a" / "step-002")
     resumed = pretrain_loop(_cfg(corpus, words), rt)
     assert [h["step"] for h in rt.history] == [4]
-    for k in ("pretrain/mlm", "pretrain/itm", "pretrain/attr"):
+    for k in ("pretrain/mlm", "pretrain/itm", "pretrain/attr", "pretrain/choice",
+              "pretrain/align"):
         assert rt.history[-1][k] == runs[0][0][-1][k], k
     for k, v in resumed.state_dict().items():
         assert torch.equal(v, runs[0][1][k]), k
@@ -141,7 +185,8 @@ def test_export_is_a_student_fine_tuning_loads(corpus, words, tmp_path):
     for k, v in task.student.state_dict().items():
         if not k.startswith("head."):
             assert torch.equal(v, student.state_dict()[k]), k
-    assert not any(k.startswith(("mlm", "itm", "attributes")) for k in student.state_dict())
+    assert not any(k.startswith(("mlm", "itm", "attributes", "choice", "align"))
+                   for k in student.state_dict())
 
 
 def test_cli_refuses_bad_corpus(tmp_path):
