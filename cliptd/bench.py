@@ -81,13 +81,13 @@ def bench_step(base: dict, teacher_spec, steps: int, batch_size: int) -> dict:
 
 
 def bench_science(base: dict, shots: list, seeds: int, methods: list[str], epochs: int,
-                  extra: dict, partial: Path | None = None) -> list[dict]:
+                  extra: dict, partial: Path | None = None, first_seed: int = 0) -> list[dict]:
     """Every (shots, seed, method) run; seeds outermost within a shot level, so a run cut
     short still holds whole seeds of every method. ``partial``: the records so far are
     rewritten there (atomically) after each run."""
     records = []
     for s in shots:
-        for seed in range(seeds):
+        for seed in range(first_seed, first_seed + seeds):
             for method in methods:
                 cfg = resolve_config({**base, **extra, "shots": s, "seed": seed,
                                       "subset_seed": seed, "epochs": epochs,
@@ -197,6 +197,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--shots", default="0.05")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="seeds first-seed .. first-seed + seeds - 1 (extend a run)")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--min-steps", type=int, default=150,
                         help="low-shot runs train at least this many steps")
@@ -234,7 +236,7 @@ def main(argv=None) -> int:
         if partial:
             partial.parent.mkdir(parents=True, exist_ok=True)
         records = bench_science(base, shots, args.seeds, args.methods.split(","), args.epochs,
-                                extra, partial)
+                                extra, partial, args.first_seed)
         metrics = {"in-domain q_a": "val/id/q_a", "shifted q_a": "val/shift/q_a"}
         qtypes = sorted({k.split("/")[3] for r in records for k in r["metrics"]
                          if k.startswith("val/id/qtype/")})
