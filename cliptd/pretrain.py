@@ -11,8 +11,12 @@ The CLI runs on Ray Train (data-parallel, a self-describing checkpoint every
 run) and records the run in MLflow (experiment ``cliptd-pretrain``). The embedded default
 runs the same loop in-process (``pretrain_student``), beside the teacher's pre-training.
 
-Objectives: MLM conditioned on the image, image-text matching with hard negatives, and
-region attribute classification on the backbone's region features (BUTD-style).
+Objectives (``PretrainTask``): MLM conditioned on the image; image-text matching with hard
+negatives; a 4-way choice between a true grounded statement and minimally false ones;
+word-region alignment toward the objects a word refers to; region attribute classification
+on the backbone's region features (BUTD-style). The statements come from the corpus's own
+boxes and region captions (``grounded_statements``, ``statement_choices``).
+
 The embedded default pre-trains on the synthetic world's *student* corpus: source domain
 only, fewer scenes — narrower than the teacher's corpus, as VL-BERT's few million captions
 are narrower than CLIP's 400M web pairs. Users with a real VisualBERT / LXMERT checkpoint
@@ -47,7 +51,7 @@ from cliptd.student import StudentConfig, VLStudent, save_student
 @dataclass
 class PretrainConfig:
     student: str = "visualbert-tiny"
-    steps: int = 400
+    steps: int = 1000
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.01
