@@ -191,6 +191,20 @@ class RunLogger:
         self.gap_started: float | None = None
         self._refused: set[str] = set()
 
+    def logged_steps(self, key: str = "epoch") -> set[int]:
+        """Steps at which this run already has ``key`` (in MLflow or still buffered);
+        empty when the server cannot say."""
+        steps = set()
+        if self.buffer.exists():
+            for line in self.buffer.read_text().splitlines():
+                if line and key in json.loads(line)["metrics"]:
+                    steps.add(json.loads(line)["step"])
+        try:
+            steps |= {m.step for m in self._client.get_metric_history(self.run_id, key)}
+        except Exception:  # noqa: BLE001 - unknown: log everything; dedupe is best effort
+            pass
+        return steps
+
     def log_metrics(self, metrics: dict, step: int) -> None:
         rec = {"ts": int(time.time() * 1000), "step": step,
                "metrics": {k: float(v) for k, v in metrics.items()

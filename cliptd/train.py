@@ -360,6 +360,10 @@ def train_loop(config: dict, rt) -> None:
         from cliptd.tracking import RunLogger
 
         tracker = RunLogger(cfg["tracking"]["uri"], cfg["tracking"]["run_id"])
+    # Epochs this run already logged before a crash or a killed driver: a restart from an
+    # earlier checkpoint re-runs them (exactly: same values), and MLflow must not get them
+    # twice.
+    logged = tracker.logged_steps() if tracker else set()
     device = rt.device
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     fault = cfg["fault"] or {}
@@ -415,7 +419,7 @@ def train_loop(config: dict, rt) -> None:
                     "config": cfg, "epoch": epoch, "step": step, "metrics": metrics,
                 }, folder / "checkpoint.pt")
                 parts.tokenizer.save_pretrained(folder / "tokenizer")
-            if tracker:
+            if tracker and epoch + 1 not in logged:
                 tracker.log_metrics(metrics, step=epoch + 1)
             rt.report(metrics, folder, epoch + 1)
     if tracker:

@@ -357,3 +357,18 @@ def test_close_runs_makes_every_trial_whole(store, tmp_path, monkeypatch, fast_f
         assert run.info.status == "FINISHED"
         assert run.data.tags["cliptd.early_stopped"] == "False"
     assert not list(tmp_path.glob("*.jsonl"))
+
+
+def test_logged_steps_sees_mlflow_and_the_buffer(store, run_id, tmp_path, fast_fail):
+    """What a restarted worker must not log again: the epochs MLflow has, plus the ones
+    still buffered; with the server away, the buffer alone (never an error)."""
+    uri, _ = store
+    logger = tracking.RunLogger(uri, run_id, buffer_dir=str(tmp_path))
+    assert logger.logged_steps() == set()
+    logger.log_metrics({"epoch": 1, "score": 0.2}, step=1)
+    logger.log_metrics({"epoch": 2, "score": 0.3}, step=2)
+    assert tracking.RunLogger(uri, run_id, buffer_dir=str(tmp_path)).logged_steps() == {1, 2}
+    away = tracking.RunLogger(f"http://127.0.0.1:{closed_port()}", run_id,
+                              buffer_dir=str(tmp_path))
+    away.log_metrics({"epoch": 3, "score": 0.4}, step=3)
+    assert away.logged_steps() == {3}
