@@ -54,6 +54,19 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                              "full (the benchmarks' world), small (tests)")
 
 
+def reachable_tracking_uri(args) -> str:
+    """``--tracking-uri`` (or the default), refused with a clear error before any work
+    starts when MLflow cannot be reached there."""
+    from cliptd import tracking
+
+    uri = args.tracking_uri or tracking.default_tracking_uri()
+    try:
+        tracking.check_reachable(uri)
+    except Exception as exc:  # noqa: BLE001 - report any failure to reach MLflow clearly
+        die(f"MLflow tracking at {uri} is not usable: {exc}")
+    return uri
+
+
 def resolve_storage(path: str) -> str:
     """Ray wants absolute local paths; URIs (s3://, gs://, ...) pass through unchanged."""
     return path if "://" in str(path) else str(Path(path).resolve())

@@ -350,7 +350,6 @@ def _sample_text(items, b: int, rng: np.random.Generator, cfg: PretrainConfig, g
             others = [r for r in range(n_objects) if r != links[grounded[0]]]
             r = others[rng.integers(len(others))]
             links = [r if x is not None else None for x in links]
-            match = False
         else:
             swapped = _swap_attribute(words, rng, swap_groups) if rng.random() < 0.5 \
                 else None
@@ -650,7 +649,7 @@ def _check_corpus(path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    from cliptd.cli import die, init_ray, resolve_storage
+    from cliptd.cli import die, init_ray, reachable_tracking_uri, resolve_storage
 
     parser = argparse.ArgumentParser(prog="python -m cliptd.pretrain", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -687,11 +686,7 @@ def main(argv=None) -> int:
         die(str(exc))
     from cliptd import tracking
 
-    uri = args.tracking_uri or tracking.default_tracking_uri()
-    try:
-        tracking.check_reachable(uri)
-    except Exception as exc:  # noqa: BLE001 - report any failure to reach MLflow clearly
-        die(f"MLflow tracking at {uri} is not usable: {exc}")
+    uri = reachable_tracking_uri(args)
     name = args.name or f"pretrain-{cfg.student}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     experiment = tracking.get_experiment(uri, "cliptd-pretrain")
     # found again by name on a resumed run, like a sweep's parent run

@@ -196,9 +196,9 @@ class RunLogger:
         empty when the server cannot say."""
         steps = set()
         if self.buffer.exists():
-            for line in self.buffer.read_text().splitlines():
-                if line and key in json.loads(line)["metrics"]:
-                    steps.add(json.loads(line)["step"])
+            for record in map(json.loads, filter(None, self.buffer.read_text().splitlines())):
+                if key in record["metrics"]:
+                    steps.add(record["step"])
         try:
             steps |= {m.step for m in self._client.get_metric_history(self.run_id, key)}
         except Exception:  # noqa: BLE001 - unknown: log everything; dedupe is best effort

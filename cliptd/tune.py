@@ -32,7 +32,14 @@ from pathlib import Path
 
 import yaml
 
-from cliptd.cli import add_common_args, die, init_ray, resolve_storage, setup_embedded
+from cliptd.cli import (
+    add_common_args,
+    die,
+    init_ray,
+    reachable_tracking_uri,
+    resolve_storage,
+    setup_embedded,
+)
 from cliptd.config import PRIMARY_METRIC, resolve_config
 from cliptd.errors import DataError
 from cliptd.launch import make_trainer
@@ -421,11 +428,7 @@ def main(argv=None) -> int:
         die(str(exc))
     from cliptd import tracking
 
-    uri = args.tracking_uri or tracking.default_tracking_uri()
-    try:
-        tracking.check_reachable(uri)
-    except Exception as exc:  # noqa: BLE001 - report any failure to reach MLflow clearly
-        die(f"MLflow tracking at {uri} is not usable: {exc}")
+    uri = reachable_tracking_uri(args)
     name = sweep_name(args)
     out = (args.out or Path("runs") / name).resolve()
     out.mkdir(parents=True, exist_ok=True)
