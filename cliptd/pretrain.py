@@ -67,6 +67,9 @@ class PretrainConfig:
 
 PRETRAIN_FORMAT = "cliptd-pretrain-checkpoint-v1"
 LOSSES = ("mlm", "itm", "itm_acc", "attr", "choice", "choice_acc", "align")  # shown on the bar
+# what a statement choice tests (``statement_choices``); accuracy is also reported per kind,
+# since the overall figure hides which skill is still at chance
+CHOICE_KINDS = ("count", "furthest", "binding", "caption")
 
 
 class PretrainTask(nn.Module):
@@ -111,7 +114,12 @@ class PretrainTask(nn.Module):
         if len(gold):
             scores = self.choice(out.pooled[~itm_rows]).view(len(gold), -1)
             logs["choice"] = F.cross_entropy(scores, gold)
-            logs["choice_acc"] = (scores.argmax(-1) == gold).float().mean().detach()
+            hits = (scores.argmax(-1) == gold).detach()
+            logs["choice_acc"] = hits.float().mean()
+            for k, name in enumerate(CHOICE_KINDS):  # summed, divided at each report
+                of_kind = batch["choice_kind"] == k
+                logs[f"choice_hits/{name}"] = hits[of_kind].sum()
+                logs[f"choice_seen/{name}"] = of_kind.sum()
             loss = loss + logs["choice"]
         align = batch["align"]
         if len(align):
@@ -244,7 +252,7 @@ def grounded_statements(item: CorpusItem, groups, rng: np.random.Generator
 
 
 def statement_choices(item: CorpusItem, groups, rng: np.random.Generator, n: int = 4
-                      ) -> tuple[list[tuple[list[str], list[int | None]]], list] | None:
+                      ) -> tuple[list[tuple[list[str], list[int | None]]], list, str] | None:
     """``n`` texts about one image, the first true, the others minimally false: the other
     counts ("there are two red things" / "there is one red thing" / ...), the same words
     pointed at other objects ("the square is furthest to the left" said of each object), the
@@ -254,7 +262,8 @@ def statement_choices(item: CorpusItem, groups, rng: np.random.Generator, n: int
 
     Also returns, per word of the true text, the objects it refers to (word-region
     alignment targets, never given as input): "red things" → every red object, "left" in
-    "... furthest to the left" → that object, "red thing" → the only red object."""
+    "... furthest to the left" → that object, "red thing" → the only red object; and the
+    kind of choice (one of ``CHOICE_KINDS``)."""
     colours, shapes, sizes = groups
     attrs = item.attributes[1:]
     kind = int(rng.integers(4))
@@ -271,7 +280,7 @@ def statement_choices(item: CorpusItem, groups, rng: np.random.Generator, n: int
         members = tuple(int(j) for j in (attrs[:, 0] == colours.index(colour)).nonzero()
                         .flatten())
         refs = [None, None, None, members or None, members or None, None]
-        return [count(k)] + [count(j) for j in rng.permutation(others)[: n - 1]], refs
+        return [count(k)] + [count(j) for j in rng.permutation(others)[: n - 1]], refs, "count"
     if kind == 1:  # which object is furthest
         direction = list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]
         g = _extreme(item.boxes[1:], direction)
@@ -283,7 +292,8 @@ def statement_choices(item: CorpusItem, groups, rng: np.random.Generator, n: int
                      "the", direction, "."], [None, j, None, None, None, None, None, None])
         others = [j for j in range(len(attrs)) if j != g]
         refs = [None, None, None, (g,), None, None, (g,), None]
-        return [said_of(g)] + [said_of(int(j)) for j in rng.permutation(others)[: n - 1]], refs
+        return ([said_of(g)] + [said_of(int(j)) for j in rng.permutation(others)[: n - 1]],
+                refs, "furthest")
     if kind == 2:  # what shape the only thing of a colour is
         counts = torch.bincount(attrs[:, 0].clamp(min=0), minlength=len(colours))
         unique = [j for j in range(len(attrs)) if attrs[j, 0] >= 0 and counts[attrs[j, 0]] == 1
@@ -295,7 +305,7 @@ def statement_choices(item: CorpusItem, groups, rng: np.random.Generator, n: int
         others = [s for s in shapes if s != shape]
         refs = [None, (j,), (j,), None, None, None, None]
         return [(["the", colour, "thing", "is", "a", s, "."], [None] * 7)
-                for s in [shape, *rng.permutation(others)[: n - 1]]], refs
+                for s in [shape, *rng.permutation(others)[: n - 1]]], refs, "binding"
     # a region caption against the same region with one attribute changed
     j = int(rng.integers(len(item.region_captions)))
     words = item.region_captions[j].split()
@@ -307,7 +317,7 @@ def statement_choices(item: CorpusItem, groups, rng: np.random.Generator, n: int
             out.append(cand)
     if len(out) < n:
         return None
-    return [(w, [j] * len(w)) for w in out], [None] * len(words)
+    return [(w, [j] * len(w)) for w in out], [None] * len(words), "caption"
 
 
 def _swap_attribute(words: list[str], rng: np.random.Generator,
@@ -393,11 +403,12 @@ def make_batch(items, tokenizer, rng: np.random.Generator, cfg: PretrainConfig,
     rows_image = list(range(len(idx)))
     referents = [[None] * len(t) for t in texts]  # per row and word: objects referred to
     choice_gold = []  # per choice group: the position of the true text among its 4 rows
+    choice_kind = []  # per choice group: its index in CHOICE_KINDS
     for b in range(min(cfg.choice_images, len(idx)) if groups else 0):
         made = statement_choices(items[idx[b]], groups, rng)
         if made is None:
             continue
-        choices, refs = made
+        choices, refs, kind = made
         order = rng.permutation(len(choices))  # where the true one sits
         for c in order:
             words, links = choices[c]
@@ -407,6 +418,7 @@ def make_batch(items, tokenizer, rng: np.random.Generator, cfg: PretrainConfig,
             referents.append(refs if c == 0 else [None] * len(words))
         matched.extend([-100] * len(choices))  # not ITM rows
         choice_gold.append(int(np.argmax(order == 0)))
+        choice_kind.append(CHOICE_KINDS.index(kind))
     enc = tokenizer(texts, is_split_into_words=True, truncation=True, max_length=max_length,
                     padding=True, return_tensors="pt")
     token_regions = torch.full_like(enc["input_ids"], -1)
@@ -442,6 +454,7 @@ def make_batch(items, tokenizer, rng: np.random.Generator, cfg: PretrainConfig,
         "image_index": torch.tensor(rows_image), "mlm_labels": mlm_labels,
         "itm_labels": torch.tensor(matched), "region_attributes": attributes,
         "choice_gold": torch.tensor(choice_gold, dtype=torch.long),
+        "choice_kind": torch.tensor(choice_kind, dtype=torch.long),
         "align": torch.tensor(align, dtype=torch.long).view(-1, 3),
     }
 
@@ -523,13 +536,16 @@ def pretrain_loop(config: dict, rt) -> PretrainTask | None:
         if step % cfg.checkpoint_every and step < cfg.steps:
             continue
         # averages over the steps since the last report (this rank's batches)
-        metrics = {"step": step, **{f"pretrain/{k}": v / n for k, v in sums.items()},
+        metrics = {"step": step, **{f"pretrain/{k}": v / n for k, v in sums.items()
+                                    if not k.startswith("choice_")},
+                   **_choice_accuracy_by_kind(sums),
                    "pretrain/lr": sched.get_last_lr()[0],
                    "pretrain/samples_per_s": n * per_worker * rt.world / (time.time() - t0),
                    "pretrain/workers": rt.world, "sys/peak_rss_mb": peak_rss_mb()}
         history.append({k: round(v, 5) for k, v in metrics.items()})
         bar.set_postfix({k.split("/")[1]: f"{v:.2f}" for k, v in metrics.items()
-                         if k.startswith("pretrain/") and k.split("/")[1] in LOSSES})
+                         if k.count("/") == 1 and k.startswith("pretrain/")
+                         and k.split("/")[1] in LOSSES})
         rngs = _gather_rng(rng)  # every rank's sampling state, for an exact resume
         with tempfile.TemporaryDirectory() as tmp:
             folder = None
@@ -549,6 +565,13 @@ def pretrain_loop(config: dict, rt) -> PretrainTask | None:
     if tracker:
         tracker.close()
     return module if rt.rank == 0 else None
+
+
+def _choice_accuracy_by_kind(sums: dict[str, float]) -> dict[str, float]:
+    """``pretrain/choice_acc/<kind>`` from the summed hits and groups of each kind since the
+    last report (a kind that did not occur is left out, not reported as 0)."""
+    return {f"pretrain/choice_acc/{name}": sums[f"choice_hits/{name}"] / seen
+            for name in CHOICE_KINDS if (seen := sums.get(f"choice_seen/{name}", 0))}
 
 
 def _gather_rng(rng: np.random.Generator) -> list[dict]:

@@ -14,7 +14,9 @@ import torch
 from _cli import run_cli
 
 from cliptd.pretrain import (
+    CHOICE_KINDS,
     PretrainConfig,
+    _choice_accuracy_by_kind,
     attribute_groups,
     export_pretrained,
     grounded_statements,
@@ -97,25 +99,29 @@ def test_statement_choices_one_true_three_false(items):
         made = statement_choices(item, attribute_groups(), rng)
         if made is None:
             continue
-        choices, refs = made
+        choices, refs, kind = made
         texts = [tuple(w) + tuple(links) for w, links in choices]
         assert len(choices) == 4 and len(set(texts)) == 4
         words, links = choices[0]
         assert len(refs) == len(words)
         attrs = item.attributes[1:]
         if words[0] == "there":  # the referents of "red things" are the red objects
+            assert kind == "count"
             kinds.add("count")
             red = {int(j) for j in (attrs[:, 0] == colours.index(words[3])).nonzero()}
             assert set(refs[3] or ()) == red
             assert ("none", "one", "two", "three").index(words[2]) == len(red)
         elif "furthest" in words:
+            assert kind == "furthest"
             kinds.add("position")
             assert refs[6] == (links[1],) and shapes[attrs[links[1], 1]] == words[1]
         elif words[2] == "thing":
+            assert kind == "binding"
             kinds.add("binding")
             (j,) = refs[1]
             assert colours[attrs[j, 0]] == words[1] and shapes[attrs[j, 1]] == words[5]
         else:
+            assert kind == "caption"
             kinds.add("caption")
             assert " ".join(words) in item.region_captions
     assert kinds == {"count", "position", "binding", "caption"}
@@ -153,6 +159,14 @@ def _losses(metrics: dict) -> dict:
             or k == "step"}  # not timings
 
 
+def test_choice_accuracy_is_split_by_kind():
+    """Hits over groups seen per kind; a kind that did not occur is left out, not 0."""
+    sums = {"choice_hits/count": 3.0, "choice_seen/count": 4.0, "choice_hits/binding": 0.0,
+            "choice_seen/binding": 0.0, "choice_hits/furthest": 0.0, "choice_seen/furthest": 2.0}
+    assert _choice_accuracy_by_kind(sums) == {"pretrain/choice_acc/count": 0.75,
+                                              "pretrain/choice_acc/furthest": 0.0}
+
+
 def test_loop_is_deterministic_and_resumes_exactly(corpus, words, tmp_path):
     """Same seed, same losses; a run resumed from its step-2 checkpoint ends with the
     uninterrupted run's weights and metrics."""
@@ -163,6 +177,9 @@ def test_loop_is_deterministic_and_resumes_exactly(corpus, words, tmp_path):
         runs.append(([_losses(h) for h in rt.history], task.state_dict()))
     assert runs[0][0] == runs[1][0]
     assert runs[0][0][-1]["step"] == 4 and "pretrain/attr" in runs[0][0][-1]
+    by_kind = {k for h in rt.history for k in h if k.startswith("pretrain/choice_acc/")}
+    assert by_kind and by_kind <= {f"pretrain/choice_acc/{k}" for k in CHOICE_KINDS}
+    assert all(0 <= h[k] <= 1 for h in rt.history for k in by_kind if k in h)
     rt = LocalRuntime(resume_from=tmp_path / "a" / "step-002")
     resumed = pretrain_loop(_cfg(corpus, words), rt)
     assert [h["step"] for h in rt.history] == [4]
