@@ -1,7 +1,7 @@
 """Accuracy against training-data share, per method, from ``cliptd.bench science`` JSONs.
 
     .venv/bin/python bench/plot_science.py bench/results/pretrained-*.json \
-        --out docs/results/pretrained-student.png
+        --out docs/results/pretrained-student.png [--title "..."]
 
 One panel per metric (in-domain and shifted Q→A, then Q→A per question type in-domain);
 each point is the mean over the seeds that every method completed, the bar ± one std.
@@ -42,6 +42,8 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("files", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--title", default="VCR on the synthetic world, pretrained student",
+                        help="the figure's title (the seed counts are appended)")
     args = parser.parse_args(argv)
     records = []
     for f in args.files:
@@ -74,7 +76,7 @@ def main(argv=None) -> int:
     axes[0, 0].legend()
     n = {s: len({r["seed"] for r in records if float(r["condition"].split("=")[1]) == s})
          for s in shots}
-    fig.suptitle("VCR on the synthetic world, pretrained student: mean ± std over seeds "
+    fig.suptitle(f"{args.title}: mean ± std over seeds "
                  f"({', '.join(f'{s:.0%}: {k}' for s, k in n.items())}); dotted: chance")
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
