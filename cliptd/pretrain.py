@@ -536,8 +536,9 @@ def pretrain_loop(config: dict, rt) -> PretrainTask | None:
         if step % cfg.checkpoint_every and step < cfg.steps:
             continue
         # averages over the steps since the last report (this rank's batches)
+        # (the per-kind choice sums, "choice_hits/<kind>", are divided by their own count)
         metrics = {"step": step, **{f"pretrain/{k}": v / n for k, v in sums.items()
-                                    if not k.startswith("choice_")},
+                                    if "/" not in k},
                    **_choice_accuracy_by_kind(sums),
                    "pretrain/lr": sched.get_last_lr()[0],
                    "pretrain/samples_per_s": n * per_worker * rt.world / (time.time() - t0),

@@ -177,6 +177,7 @@ def test_loop_is_deterministic_and_resumes_exactly(corpus, words, tmp_path):
         runs.append(([_losses(h) for h in rt.history], task.state_dict()))
     assert runs[0][0] == runs[1][0]
     assert runs[0][0][-1]["step"] == 4 and "pretrain/attr" in runs[0][0][-1]
+    assert all("pretrain/choice_acc" in h for h in rt.history)  # the overall one stays
     by_kind = {k for h in rt.history for k in h if k.startswith("pretrain/choice_acc/")}
     assert by_kind and by_kind <= {f"pretrain/choice_acc/{k}" for k in CHOICE_KINDS}
     assert all(0 <= h[k] <= 1 for h in rt.history for k in by_kind if k in h)
