@@ -131,7 +131,7 @@ def main(argv=None) -> int:
                      f"optional: {sorted(OPTIONAL)}")
     results = {name: run(name) for name in names}
     if args.out:
-        from cliptd.tune import package_versions
+        from cliptd.core.env import package_versions
 
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_suffix(".tmp")

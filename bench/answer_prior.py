@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from cliptd.data import domain_preset, read_split
+from cliptd.data.prepare import read_split
+from cliptd.data.subsets import domain_preset
 
 
 def answer_key(words: list) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from cliptd.data import iter_batches, load_manifest, prepare
+from cliptd.data.prepare import iter_batches, load_manifest, prepare
 
 WORDS = "the a is are to of and in on at with for from his her their looking holding table door car".split()
 CLASSES = ["person", "person", "person", "chair", "cup", "dog", "car", "bottle", "wine glass", "tie"]

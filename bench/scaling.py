@@ -70,7 +70,8 @@ def student_batch(task: str, n: int, image_size: int, vocab: int) -> dict:
 
 
 def measure_student(task: str, n: int, repeats: int) -> dict:
-    from cliptd.student import StudentConfig, VLStudent
+    from cliptd.model.config import StudentConfig
+    from cliptd.model.student import VLStudent
 
     head, outputs = SHAPES[task]["head"]
     cfg = StudentConfig.from_name("visualbert-resnet", vocab_size=30_522, task_head=head,
@@ -103,7 +104,7 @@ def measure_student(task: str, n: int, repeats: int) -> dict:
 def measure_teacher(task: str, n: int) -> dict:
     import open_clip
 
-    from cliptd.teacher import crop_regions
+    from cliptd.teacher.clip import crop_regions
 
     model = open_clip.create_model("ViT-B-32", pretrained=None).eval().requires_grad_(False)
     s = SHAPES[task]

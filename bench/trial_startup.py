@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from cliptd.cli import init_ray, setup_embedded
+from cliptd.cli.common import init_ray, setup_embedded
 
 
 def main() -> None:

@@ -6,7 +6,7 @@
     python -m cliptd.bench ray                   # Ray Train + Tune overhead, 1 vs 2 workers
 
 Both use the embedded synthetic world (built on first use) and the same training loop as
-Ray Train (``cliptd.train.train_loop``), run in this process so that only the method
+Ray Train (``cliptd.training.loop.train_loop``), run in this process so that only the method
 differs between the numbers.
 """
 
@@ -21,9 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cliptd.cli import add_common_args, setup_embedded
-from cliptd.table import comparison_rows, to_markdown
-from cliptd.train import LocalRuntime, build_run, resolve_config, train_loop
+from cliptd.cli.common import add_common_args, setup_embedded
+from cliptd.core.atomic import atomic_write
+from cliptd.core.config import resolve_config
+from cliptd.tracking.table import comparison_rows, to_markdown
+from cliptd.training.loop import train_loop
+from cliptd.training.run import build_run
+from cliptd.training.runtime import LocalRuntime
 
 
 def _time_interleaved(runs: dict, batch, steps: int) -> dict[str, float]:
@@ -47,8 +51,8 @@ def _time_interleaved(runs: dict, batch, steps: int) -> dict[str, float]:
 def bench_step(base: dict, teacher_spec, steps: int, batch_size: int) -> dict:
     """Median step time of cliptd (cached teacher) vs none on the same student and batch,
     and of cliptd with the teacher computing its targets live beside the student."""
-    from cliptd.teacher import Teacher
-    from cliptd.teacher_cache import compute_targets, targets_as_cache_rows
+    from cliptd.teacher.cache import compute_targets, targets_as_cache_rows
+    from cliptd.teacher.clip import Teacher
 
     out = {}
     parts = {}
@@ -103,9 +107,8 @@ def bench_science(base: dict, shots: list, seeds: int, methods: list[str], epoch
                       f"{final.get('val/shift/q_a', float('nan')):.3f}  "
                       f"({time.time() - t:.0f} s)", flush=True)
                 if partial:
-                    tmp = partial.with_suffix(".tmp")
-                    tmp.write_text(json.dumps({"records": records}, indent=1, default=str))
-                    tmp.replace(partial)
+                    atomic_write(partial, json.dumps({"records": records}, indent=1,
+                                                     default=str))
     return records
 
 
@@ -114,7 +117,7 @@ def two_concurrent_trials(cfg: dict, storage: str, name: str):
     TorchTrainer run through the sweep's own trial driver → (result grid, launch time)."""
     from ray import tune
 
-    from cliptd.tune import train_driver_fn
+    from cliptd.sweep.driver import train_driver_fn
 
     meta = {"sweep_id": name, "tracking_uri": None, "storage_path": storage, "workers": 1,
             "gpus_per_worker": 0, "cpus_per_worker": 0.8, "max_failures": 0, "base": cfg,
@@ -144,8 +147,8 @@ def bench_ray(base: dict, args) -> dict:
 
     import ray
 
-    from cliptd.cli import init_ray
-    from cliptd.launch import make_trainer
+    from cliptd.cli.common import init_ray
+    from cliptd.training.launch import make_trainer
 
     init_ray(args)
     storage = str((Path(args.storage_path) / "bench").resolve())

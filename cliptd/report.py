@@ -25,13 +25,13 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-# cliptd.config is light: the report needs neither torch nor Ray, only MLflow and plots
-from cliptd.config import PRIMARY_METRIC
-from cliptd.table import METHOD_ORDER, comparison_rows, to_csv, to_markdown
+# cliptd.core.config is light: the report needs neither torch nor Ray, only MLflow and plots
+from cliptd.core.atomic import atomic_write
+from cliptd.core.config import PRIMARY_METRIC, TASKS
+from cliptd.tracking.table import METHOD_ORDER, comparison_rows, to_csv, to_markdown
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-TASKS = tuple(PRIMARY_METRIC)
 TASK_METRICS = {"vcr": (("Q→A", "q_a"), ("QA→R", "qa_r"), ("Q→AR", "q_ar")),
                 "snli_ve": (("acc", "acc"),),
                 "vqa": (("VQA acc", "vqa_acc"),)}
@@ -140,16 +140,6 @@ def load_runs(uri: str, task: str, experiment: str | None, sweep: str | None) ->
 
 # --------------------------------------------------------------------------------------
 # Writing
-
-
-def atomic_write(path: Path, data: str | bytes) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    if isinstance(data, str):
-        tmp.write_text(data)
-    else:
-        tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
 
 
 def save_fig(fig, path: Path) -> Path:
@@ -414,7 +404,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-log", action="store_true",
                         help="do not log the files as artifacts of the sweep's parent run")
     args = parser.parse_args(argv)
-    from cliptd import tracking
+    from cliptd.tracking import runs as tracking
 
     uri = args.tracking_uri or tracking.default_tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():

@@ -25,8 +25,8 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     """The embedded world at 3 % scale with a 5-step teacher and student (~30-60 s once)."""
-    from cliptd.teacher import TeacherPretrainConfig
-    from cliptd.world import WorldConfig, ensure_world
+    from cliptd.embedded.world import WorldConfig, ensure_world
+    from cliptd.teacher.pretrain import TeacherPretrainConfig
 
     return ensure_world(tmp_path_factory.mktemp("world"), WorldConfig(
         scale=0.03, teacher=TeacherPretrainConfig(steps=5, batch_size=32), student_steps=5),

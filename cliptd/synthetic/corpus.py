@@ -133,3 +133,11 @@ def write(
             writer.write_table(pa.Table.from_pylist(batch, SCHEMA))
     per_domain = {d: sum(1 for s in seen if s[0] == d) for d in domains}
     return {"rows": n, "domains": list(domains), "shape_colour_size_combinations": per_domain}
+
+
+def attribute_groups() -> tuple[tuple[str, ...], ...]:
+    """The region label vocabularies (colour, shape, size): the synthetic world's; a real
+    caption corpus would use its detector's object and attribute classes."""
+    from cliptd.synthetic.scene import COLOURS, SHAPES, SIZES
+
+    return (tuple(COLOURS), tuple(SHAPES), tuple(SIZES))

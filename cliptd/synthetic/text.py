@@ -59,7 +59,7 @@ def clear_of_midline(o: Obj, axis: int, margin: float = 2.0) -> bool:
 
 
 # "Which object is ...": the direction, the phrase, and how to score "more so". Every
-# phrase says "furthest": cliptd.formats.vcr files questions with it under "position".
+# phrase says "furthest": cliptd.data.formats.vcr files questions with it under "position".
 EXTREMES: dict[str, tuple[list[str], int, int]] = {
     # direction: (phrase words, axis, sign: +1 = smallest coordinate wins)
     "left": (["furthest", "to", "the", "left"], 0, 1),

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from cliptd.atomic import clean_stale
+from cliptd.core.atomic import clean_stale
 from cliptd.synthetic import corpus, snli_ve, vcr, vqa
 from cliptd.synthetic.plan import pack
 from cliptd.synthetic.scene import (

@@ -1,0 +1,142 @@
+"""What the commands (``cliptd.tune``, ``cliptd.train``, ``cliptd.pretrain``, ``cliptd.bench``)
+share: flags declared once, Ray start-up on loopback, the tracking server checked before any
+work, the embedded default (synthetic world, teacher, student, teacher caches) set up, and
+clean failures (one line, exit 2)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from cliptd.core.config import TASKS
+
+# Offline by default: a pretrained='openai' request would otherwise retry for ~50 s.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# A trial may wait for workers while other trials hold the slots (sweep.plan.run_jobs): wait
+# instead of timing out and re-requesting them every minute (Ray's default is 60 s).
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "900")
+
+
+# The embedded world behind --budget (each also names a budget in tune_spaces/*.yaml):
+# "default" fits the 2-core first run in 10 minutes (half-size world, shorter pre-training),
+# "full" is the world the science benchmarks use, "small" is for tests.
+WORLD_BUDGETS = {
+    "default": dict(scale=0.5, teacher_steps=350, student_steps=200),
+    "full": dict(scale=1.0, teacher_steps=600, student_steps=1000),
+    "small": dict(scale=0.05, teacher_steps=30, student_steps=30),
+}
+
+
+def die(message: str, code: int = 2):
+    print(f"cliptd: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def add_launch_args(parser: argparse.ArgumentParser, *, max_failures: int = 1,
+                    cpus_per_worker: float | None = None) -> None:
+    """Where a command's Ray Train runs go and what they hold: every command that launches
+    one (tune, train, pretrain) takes these."""
+    parser.add_argument("--storage-path", default=os.environ.get("CLIPTD_STORAGE_PATH",
+                                                                 "runs"),
+                        help="Ray storage (shared on clusters: s3://, gs://, NFS)")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI (default sqlite:///./mlflow.db)")
+    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers per run")
+    parser.add_argument("--gpus-per-worker", type=float, default=0)
+    parser.add_argument("--cpus-per-worker", type=float, default=cpus_per_worker)
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+    parser.add_argument("--max-failures", type=int, default=max_failures,
+                        help="Ray Train restarts per run (worker failures)")
+
+
+def add_world_args(parser: argparse.ArgumentParser) -> None:
+    """The task, and the embedded world it runs on when no data of one's own is given."""
+    parser.add_argument("--task", default="vcr", choices=TASKS)
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="embedded world / teacher / student cache (default $CLIPTD_CACHE "
+                             "or ./.cliptd_cache)")
+    parser.add_argument("--budget", choices=sorted(WORLD_BUDGETS), default="default",
+                        help="embedded world and sweep size: default (the 2-core first run), "
+                             "full (the benchmarks' world), small (tests)")
+
+
+def add_common_args(parser: argparse.ArgumentParser, *, max_failures: int = 1) -> None:
+    add_world_args(parser)
+    add_launch_args(parser, max_failures=max_failures)
+
+
+def reachable_tracking_uri(args) -> str:
+    """``--tracking-uri`` (or the default), refused with a clear error before any work
+    starts when MLflow cannot be reached there."""
+    from cliptd.tracking import runs as tracking
+
+    uri = args.tracking_uri or tracking.default_tracking_uri()
+    try:
+        tracking.check_reachable(uri)
+    except Exception as exc:  # noqa: BLE001 - report any failure to reach MLflow clearly
+        die(f"MLflow tracking at {uri} is not usable: {exc}")
+    return uri
+
+
+def resolve_storage(path: str) -> str:
+    """Ray wants absolute local paths; URIs (s3://, gs://, ...) pass through unchanged."""
+    return path if "://" in str(path) else str(Path(path).resolve())
+
+
+def world_config(args):
+    # imported here: the world's modules pull in torch and the models, which the processes
+    # that only launch runs (trial drivers) never need
+    from cliptd.embedded.world import WorldConfig
+    from cliptd.teacher.pretrain import TeacherPretrainConfig
+
+    b = WORLD_BUDGETS[args.budget]
+    return WorldConfig(scale=b["scale"], teacher=TeacherPretrainConfig(steps=b["teacher_steps"]),
+                       student_steps=b["student_steps"])
+
+
+def setup_embedded(args, tasks) -> tuple:
+    """Build (or reuse) the embedded world and a teacher cache per task's train split."""
+    from cliptd.embedded.world import default_cache_dir, ensure_world
+
+    world = ensure_world(args.cache or default_cache_dir(), world_config(args), tasks=TASKS,
+                         caches_for=tuple(tasks))
+    built = {k: v for k, v in world.timings.items() if v >= 1}
+    if built:
+        print("[cliptd] embedded default built in the cache "
+              f"({', '.join(f'{k} {v:.0f} s' for k, v in built.items())})")
+    return world, world.teacher_caches
+
+
+def init_ray(args, **kwargs) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if args.address:
+        ray.init(address=args.address, **kwargs)
+    else:
+        # One local node cannot be preempted, so Ray Train's per-run preemption watcher (an
+        # extra process per trial, ~3 s of a core to start) only slows every trial; on a
+        # cluster (--address) it stays on, for spot nodes.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # Loopback only: nothing of the local Ray instance listens beyond this machine (Ray
+        # rewrites 127.0.0.1 to the routable address, other loopback addresses it keeps). The
+        # dashboard process also serves the state API that Train V2's controller polls.
+        ray.init(_node_ip_address="127.0.0.2", dashboard_host="127.0.0.1", **kwargs)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse turns the error into a usage message)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value

@@ -1,0 +1,71 @@
+"""Closing a sweep's trials in MLflow: metrics made whole, status set, compared runs tagged."""
+
+from __future__ import annotations
+
+
+def close_runs(grid, meta: dict, phase: str) -> list[dict]:
+    """Mark each trial's MLflow run finished (Ray does not) with its final metrics.
+
+    First its metrics are made whole: Tune stops a trial as soon as it reports its last
+    epoch, so an epoch logged while the server was away can still sit in the trial's local
+    buffer (replayed here), or, on another node, only in Ray's results (filled in)."""
+    from cliptd.tracking import runs as tracking
+
+    records = []
+    uri = meta.get("tracking_uri")
+    for r in grid:
+        m = r.metrics or {}
+        trial_id = f"{meta['sweep_id']}/{m['trial_id']}" if m.get("trial_id") else None
+        cfg = r.config or {}
+        records.append({"phase": phase, "metrics": m, "config": cfg,
+                        "error": None if r.error is None else str(r.error),
+                        "seed": cfg.get("seed", 0), "trial_id": trial_id})
+        if uri is None or trial_id is None:
+            continue
+        tracking.patiently(lambda r=r, m=m, trial_id=trial_id: _close_run(
+            uri, meta, r, m, trial_id), f"closing the MLflow run of trial {trial_id}")
+    return records
+
+
+def _ray_results(result) -> list[dict]:
+    """Every result Ray recorded for a trial (one per epoch), [] when it has none."""
+    try:
+        df = result.metrics_dataframe
+    except Exception:  # noqa: BLE001 - a trial that never reported has no progress file
+        return []
+    return [] if df is None else df.to_dict("records")
+
+
+def _close_run(uri: str, meta: dict, result, m: dict, trial_id: str) -> None:
+    from cliptd.tracking import runs as tracking
+
+    c = tracking.client(uri)
+    runs = c.search_runs([meta["experiment_id"]],
+                         filter_string=f"tags.`cliptd.trial_id` = '{trial_id}'")
+    for run in runs:
+        tracking.replay_buffer(uri, run.info.run_id)
+        tracking.backfill(uri, run.info.run_id, _ray_results(result))
+        status = "FAILED" if result.error else "FINISHED"
+        if m.get("epoch", 0) and run.info.status == "RUNNING":
+            c.set_tag(run.info.run_id, "cliptd.early_stopped",
+                      str(m.get("epoch") < meta["epochs"]))
+            c.set_tag(run.info.run_id, "cliptd.best_checkpoint",
+                      str(result.checkpoint.path) if result.checkpoint else "")
+        if run.info.status == "RUNNING":
+            c.set_terminated(run.info.run_id, status=status)
+
+
+def mark_compared(meta: dict, record: dict) -> None:
+    """Tag the MLflow run whose final metrics count in the comparison (``cliptd.report``)."""
+    from cliptd.tracking import runs as tracking
+
+    if not (meta.get("tracking_uri") and record.get("trial_id")):
+        return
+
+    def tag() -> None:
+        c = tracking.client(meta["tracking_uri"])
+        for run in c.search_runs([meta["experiment_id"]], filter_string=(
+                f"tags.`cliptd.trial_id` = '{record['trial_id']}'")):
+            c.set_tag(run.info.run_id, "cliptd.compare", "true")
+
+    tracking.patiently(tag, f"tagging trial {record['trial_id']} as compared")

@@ -1,0 +1,115 @@
+"""One search (Optuna + ASHA) or one seed re-run job, each its own Tuner."""
+
+from __future__ import annotations
+
+import math
+
+from cliptd.core.config import resolve_config
+from cliptd.core.errors import SweepError
+from cliptd.sweep.driver import train_driver_fn
+from cliptd.sweep.records import close_runs, mark_compared
+from cliptd.sweep.space import to_tune
+
+
+def run_tuner(name: str, storage: str, param_space: dict, tune_config, resources: dict,
+              meta: dict, resume: bool):
+    import ray.tune
+
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(train_driver_fn, meta=meta), resources["driver"])
+    # Tune registers trainables by name, cluster-wide per job: the sweep's jobs run at once,
+    # so each needs its own name or one job's trials would run with another's ``meta``.
+    trainable.__name__ = f"train_driver_fn_{meta['phase']}_{meta['condition']}_{meta['method']}"
+    path = f"{storage.rstrip('/')}/{name}"
+    if resume and ray.tune.Tuner.can_restore(path):
+        print(f"[cliptd] resuming {path}")
+        tuner = ray.tune.Tuner.restore(path, trainable=trainable, resume_errored=True,
+                                       param_space=param_space)
+    else:
+        tuner = ray.tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
+                               run_config=ray.tune.RunConfig(
+                                   name=name, storage_path=storage, verbose=1,
+                                   failure_config=ray.tune.FailureConfig(max_failures=1)))
+    return tuner.fit()
+
+
+def search(job: dict, concurrency: int) -> dict:
+    """Optuna (TPE, seeded, study in SQLite) + ASHA on `epoch` for one (condition, method).
+
+    Returns the best sample, the trials' records, and the best trial's record when it ran
+    every epoch: its last epoch evaluated on the whole eval split with seed 0, exactly what a
+    seed-0 re-run would give, so it stands as seed 0 of the comparison."""
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    space, budget, meta, args = job["space"], job["budget"], job["meta"], job["args"]
+    condition, method = job["condition"], job["method"]
+    knobs = space.knobs_for(method)
+    study = f"{meta['sweep_id']}-{condition}-{method}"
+    params = to_tune(knobs)
+    searcher = None
+    if params:
+        searcher = ConcurrencyLimiter(OptunaSearch(
+            metric="score", mode="max", seed=args.searcher_seed, study_name=study,
+            storage=optuna.storages.RDBStorage(job["study_url"]),
+            sampler=optuna.samplers.TPESampler(seed=args.searcher_seed)),
+            max_concurrent=concurrency)
+    scheduler = ASHAScheduler(time_attr="epoch", metric="score", mode="max",
+                              max_t=budget.epochs, grace_period=budget.grace_period,
+                              reduction_factor=budget.reduction_factor)
+    tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                                  num_samples=budget.num_samples if params else 1,
+                                  max_concurrent_trials=None if searcher else concurrency)
+    meta = {**meta, "condition": condition, "method": method, "phase": "search",
+            "base": job["base"]}
+    grid = run_tuner(f"{meta['sweep_id']}-search-{condition}-{method}", args.storage_path,
+                     params, tune_config, job["resources"], meta, args.resume)
+    ok = [r for r in grid if r.error is None and r.metrics and "score" in r.metrics
+          and not math.isnan(r.metrics["score"])]
+    if not ok:
+        raise SweepError(f"every trial of {condition}/{method} failed: see "
+                         f"{args.storage_path}/{meta['sweep_id']}-search-{condition}-{method}")
+    best = max(ok, key=lambda r: (r.metrics.get("epoch", 0) >= budget.epochs,
+                                  r.metrics["score"]))
+    records = close_runs(grid, meta, "search")
+    # The search ran with the base seed (= its subset seed): its best trial, if it ran every
+    # epoch, is that seed's run of the best config, so it is not run twice.
+    base = resolve_config(job["base"])
+    reused = None
+    if best.metrics.get("epoch", 0) >= budget.epochs and base["seed"] == base["subset_seed"]:
+        reused = next(r for r in records if r["metrics"].get("trial_id") ==
+                      best.metrics.get("trial_id"))
+        reused["seed"] = base["seed"]
+        mark_compared(meta, reused)
+    return {"sample": dict(best.config), "trials": len(grid), "reused": reused}
+
+
+def rerun_seeds(job: dict, concurrency: int) -> dict:
+    """The best config re-run with each seed the search did not already provide."""
+    from ray import tune
+
+    meta = {**job["meta"], "condition": job["condition"], "method": job["method"],
+            "phase": "seeds", "base": job["base"]}
+    space = {**job["sample"], "seed": tune.grid_search(job["seeds"]),
+             "subset_seed": tune.sample_from(lambda spec: spec.config["seed"])}
+    grid = run_tuner(f"{meta['sweep_id']}-seeds-{job['condition']}-{job['method']}",
+                     job["args"].storage_path, space,
+                     tune.TuneConfig(max_concurrent_trials=concurrency), job["resources"],
+                     meta, job["args"].resume)
+    records = close_runs(grid, meta, "seeds")
+    for rec in records:
+        if rec["error"] is None:
+            mark_compared(meta, rec)
+    return {"records": records}
+
+
+def run_job(job: dict, concurrency: int) -> dict:
+    """One search or seeds job, run as a Ray task so that several share the cluster."""
+    from cliptd.tracking import runs as tracking
+
+    tracking.fail_fast(timeout_s=30)  # its MLflow calls retry through tracking.patiently
+    return search(job, concurrency) if job["kind"] == "search" else \
+        rerun_seeds(job, concurrency)

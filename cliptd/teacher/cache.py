@@ -1,0 +1,219 @@
+"""The teacher cache: CLIP runs once per (teacher, dataset version, split), never per trial.
+
+Per problem (``<instance id>:<head>``) it stores, as Parquet shards:
+- ``region_emb``: normalized CLIP embeddings of each region crop (region 0 = whole image);
+- ``pooled``: CLIP_text(query + gold candidate); ``words``: per-word states of that text;
+- ``rel_v``: region relevance cos(region, pooled); ``rel_w``: word relevance
+  cos(word state, whole-image embedding) — the targeted-selection scores;
+- ``gold_prob`` / ``correct``: the teacher's zero-shot softmax over the candidates
+  (VCR: the 4 answers or rationales; SNLI-VE: hypothesis-image agreement mapped onto the 3
+  labels; VQA: the most frequent answers of the question type), used by dynamic weighting.
+
+Building is resumable: shards land in ``<key>.partial/`` one by one and a rerun skips the
+finished ones; the folder is renamed to ``<key>/`` only when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from cliptd.core.atomic import atomic_file
+from cliptd.data.problems import Problem
+from cliptd.teacher.clip import Teacher, TeacherSpec
+
+CACHE_FORMAT = 1
+SHARD = 512  # problems per shard: the unit of resumption
+VQA_ZS_CANDIDATES = 30
+
+_f16 = pa.binary()
+CACHE_SCHEMA = pa.schema([
+    ("key", pa.string()), ("region_emb", _f16), ("n_regions", pa.int32()),
+    ("pooled", _f16), ("words", _f16), ("n_words", pa.int32()),
+    ("rel_v", pa.list_(pa.float32())), ("rel_w", pa.list_(pa.float32())),
+    ("gold_prob", pa.float32()), ("correct", pa.bool_()),
+])
+
+
+def cache_key(teacher_fingerprint: str, dataset_version: str, split: str, task: str) -> str:
+    raw = f"{CACHE_FORMAT}|{teacher_fingerprint}|{dataset_version}|{task}|{split}"
+    return f"{task}-{split}-{hashlib.sha256(raw.encode()).hexdigest()[:16]}"
+
+
+def _load_image(path: str) -> torch.Tensor:
+    with Image.open(path) as im:
+        return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1) / 255
+
+
+def _candidate_texts(task: str, p: Problem, vqa_candidates: list[str] | None) -> list[str]:
+    if task == "vqa":
+        return [" ".join(p.query + a.split()) for a in vqa_candidates]
+    if task == "snli_ve":
+        return [" ".join(p.query)]
+    return [" ".join(p.query + words) for words, _ in p.candidates]
+
+
+def vqa_candidates_by_qtype(problems: list[Problem], vocab: list[str], k: int) -> dict:
+    """The k most frequent vocabulary answers per question type (the zero-shot choices)."""
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for p in problems:
+        if p.label >= 0:
+            counts[p.qtype][vocab[p.label]] += 1
+    return {q: [a for a, _ in c.most_common(k)] for q, c in counts.items()}
+
+
+@torch.no_grad()
+def compute_targets(teacher: Teacher, task: str, problems: list[Problem],
+                    vqa_choices: dict | None = None, vocab: list[str] | None = None) -> list[dict]:
+    """Teacher targets for a list of problems (also used live, beside the student)."""
+    region_cache: dict[tuple, torch.Tensor] = {}
+    rows = []
+    pooled, words = teacher.encode_words([p.teacher_words() for p in problems])
+    for p, t_pooled, t_words in zip(problems, pooled, words, strict=True):
+        ident = (p.image, p.boxes.tobytes())
+        if ident not in region_cache:
+            region_cache[ident] = teacher.encode_regions(_load_image(p.image),
+                                                         torch.from_numpy(p.boxes))
+        regions = region_cache[ident]
+        image_emb = regions[0]
+        cands = (vqa_choices or {}).get(p.qtype, vocab[:VQA_ZS_CANDIDATES] if vocab else [])
+        texts = _candidate_texts(task, p, cands)
+        sims = teacher.encode_texts(texts) @ image_emb if texts else torch.zeros(0)
+        if task == "snli_ve":
+            # One hypothesis, three labels: agreement above the batch's typical similarity
+            # means entailment, below it contradiction, near it neutral (a reconstruction).
+            s = float(sims[0])
+            logits = torch.tensor([s, 0.0, -s]) * teacher.logit_scale
+        else:
+            logits = sims * teacher.logit_scale
+        probs = logits.softmax(-1) if len(logits) else logits
+        if task == "vqa":
+            gold = vocab[p.label] if p.label >= 0 else None
+            gi = cands.index(gold) if gold in cands else -1
+        else:
+            gi = p.label
+        gold_prob = float(probs[gi]) if gi >= 0 and len(probs) else 0.0
+        correct = bool(gi >= 0 and len(probs) and int(probs.argmax()) == gi)
+        rows.append({
+            "key": p.key, "region_emb": regions, "pooled": t_pooled, "words": t_words,
+            "rel_v": (regions @ t_pooled), "rel_w": (t_words @ image_emb)
+            if len(t_words) else torch.zeros(0), "gold_prob": gold_prob, "correct": correct,
+            "sim": sims,
+        })
+    if task == "snli_ve" and rows:  # centre the agreement on this dataset's mean similarity
+        mean = float(np.mean([float(r["sim"][0]) for r in rows]))
+        for r, p in zip(rows, problems, strict=True):
+            s = (float(r["sim"][0]) - mean) * teacher.logit_scale
+            probs = torch.tensor([s, 0.0, -s]).softmax(-1)
+            r["gold_prob"] = float(probs[p.label]) if p.label >= 0 else 0.0
+            r["correct"] = bool(p.label >= 0 and int(probs.argmax()) == p.label)
+    return rows
+
+
+def _to_record(row: dict) -> dict:
+    def f16(t):
+        return t.detach().cpu().numpy().astype(np.float16).tobytes()
+    return {"key": row["key"], "region_emb": f16(row["region_emb"]),
+            "n_regions": len(row["region_emb"]), "pooled": f16(row["pooled"]),
+            "words": f16(row["words"]), "n_words": len(row["words"]),
+            "rel_v": row["rel_v"].float().tolist(), "rel_w": row["rel_w"].float().tolist(),
+            "gold_prob": row["gold_prob"], "correct": row["correct"]}
+
+
+def build_cache(teacher: Teacher, task: str, problems: list[Problem], root: Path, key: str, *,
+                vocab: list[str] | None = None, progress: bool = True) -> Path:
+    """Compute (or resume computing) the cache for ``problems``; returns its folder."""
+    final = Path(root) / key
+    if (final / "_SUCCESS").exists():
+        return final
+    partial = Path(root) / f"{key}.partial"
+    partial.mkdir(parents=True, exist_ok=True)
+    labelled = [p for p in problems if p.label >= 0]
+    choices = vqa_candidates_by_qtype(labelled, vocab, VQA_ZS_CANDIDATES) if task == "vqa" \
+        else None
+    if task == "snli_ve":  # the centring needs every problem in one pass
+        shards = [labelled]
+    else:
+        shards = [labelled[i: i + SHARD] for i in range(0, len(labelled), SHARD)]
+    bar = tqdm(total=len(labelled), desc=f"teacher cache {task}", disable=not progress)
+    for n, shard in enumerate(shards):
+        path = partial / f"part-{n:05d}.parquet"
+        if path.exists():  # finished by an earlier, interrupted run
+            bar.update(len(shard))
+            continue
+        rows = [_to_record(r) for r in compute_targets(teacher, task, shard, choices, vocab)]
+        with atomic_file(path) as tmp:  # a shard exists only once fully written
+            pq.write_table(pa.Table.from_pylist(rows, schema=CACHE_SCHEMA), tmp)
+        bar.update(len(shard))
+    bar.close()
+    (partial / "meta.json").write_text(json.dumps({
+        "task": task, "teacher": teacher.spec.describe(),
+        "teacher_spec": {"model": teacher.spec.model, "pretrained": teacher.spec.pretrained},
+        "problems": len(labelled), "dim": teacher.embed_dim, "format": CACHE_FORMAT},
+        indent=2))
+    (partial / "_SUCCESS").write_text("")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    return final
+
+
+def cache_teacher(folder: Path) -> TeacherSpec:
+    """The CLIP that filled a teacher cache: the run's teacher, which ``clip_features`` puts
+    inside the student (so a run names its CLIP once, through its teacher cache)."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise FileNotFoundError(f"teacher cache {folder} has no readable meta.json ({exc})") \
+            from None
+    if "teacher_spec" in meta:
+        return TeacherSpec(**meta["teacher_spec"])
+    # caches written before teacher_spec: describe() = "<model>:<pretrained or none>", and a
+    # local-dir model holds a colon itself, so split at the last one
+    model, _, pretrained = meta["teacher"].rpartition(":")
+    return TeacherSpec(model=model, pretrained=None if pretrained == "none" else pretrained)
+
+
+def load_cache(folder: Path, keys: set[str] | None = None) -> dict[str, dict]:
+    """problem key → numpy targets, for the keys a run needs (all when ``keys`` is None)."""
+    folder = Path(folder)
+    if not (folder / "_SUCCESS").exists():
+        raise FileNotFoundError(f"teacher cache {folder} is incomplete or missing")
+    dim = json.loads((folder / "meta.json").read_text())["dim"]
+    out = {}
+    for shard in sorted(folder.glob("part-*.parquet")):
+        for r in pq.read_table(shard).to_pylist():
+            if keys is not None and r["key"] not in keys:
+                continue
+            out[r["key"]] = {
+                "region_emb": np.frombuffer(r["region_emb"], np.float16).reshape(
+                    r["n_regions"], dim).astype(np.float32),
+                "pooled": np.frombuffer(r["pooled"], np.float16).astype(np.float32),
+                "words": np.frombuffer(r["words"], np.float16).reshape(
+                    r["n_words"], dim).astype(np.float32),
+                "rel_v": np.asarray(r["rel_v"], np.float32),
+                "rel_w": np.asarray(r["rel_w"], np.float32),
+                "gold_prob": r["gold_prob"], "correct": r["correct"],
+            }
+    return out
+
+
+def targets_as_cache_rows(rows: list[dict]) -> dict[str, dict]:
+    """Live-teacher rows in the same form ``load_cache`` returns (for the benchmark)."""
+    return {r["key"]: {
+        "region_emb": r["region_emb"].float().numpy(), "pooled": r["pooled"].float().numpy(),
+        "words": r["words"].float().numpy(), "rel_v": r["rel_v"].float().numpy(),
+        "rel_w": r["rel_w"].float().numpy(), "gold_prob": r["gold_prob"],
+        "correct": r["correct"]} for r in rows}

@@ -1,0 +1,167 @@
+"""The frozen CLIP teacher: any open_clip model, or the embedded tiny one pre-trained here.
+
+The teacher only ever runs to fill the teacher cache (``cliptd.teacher.cache``) or, in the
+benchmark, live beside the student; it is never part of a trained or exported student.
+
+    python -m cliptd.teacher pretrain --corpus world/corpus/teacher.parquet --out DIR
+
+Real teachers: ``TeacherSpec(model="ViT-B-32", pretrained="openai")`` (needs the weights in
+open_clip's cache or network) or ``pretrained=/path/to/open_clip_pytorch_model.bin``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
+
+
+EMBEDDED_TEACHER = "cliptd-tiny"
+
+
+open_clip.add_model_config(CONFIG_DIR / f"{EMBEDDED_TEACHER}.json")
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """Which CLIP to distil from. ``model`` is an open_clip name or ``local-dir:<folder>``."""
+
+    model: str = EMBEDDED_TEACHER
+    pretrained: str | None = None
+
+    def describe(self) -> str:
+        return f"{self.model}:{self.pretrained or 'none'}"
+
+
+def clip_mean_std(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pixel mean / std the model was trained with (1×3×1×1 each)."""
+    cfg = getattr(model.visual, "preprocess_cfg", None) or {}
+    mean = cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)
+    std = cfg.get("std", open_clip.OPENAI_DATASET_STD)
+    return torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+
+
+def clip_image_size(model) -> int:
+    size = model.visual.image_size
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def crop_regions(image: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop-and-resize each box of one image (3×H×W in [0, 1]) to size×size.
+
+    RoIAlign with aligned corners is a batched, differentiable crop + bilinear resize: the
+    same pixels CLIP would see if each region were cropped and resized by PIL.
+    """
+    rois = torch.cat([boxes.new_zeros(len(boxes), 1), boxes.float()], dim=1)
+    return roi_align(image[None].float(), rois, output_size=size, spatial_scale=1.0,
+                     sampling_ratio=2, aligned=True)
+
+
+class Teacher:
+    """A frozen open_clip model with the encoders CLIP-TD needs.
+
+    - ``encode_regions``: normalized image embeddings of each region crop (region 0 = image);
+    - ``encode_texts``: normalized pooled text embeddings;
+    - ``encode_words``: per-word states (the text tower's final-layer token states projected
+      into the joint space, averaged over each word's BPE tokens) plus the pooled embedding
+      from the same pass, so student tokens can be aligned to teacher tokens word by word.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, spec: TeacherSpec, device="cpu"):
+        self.model = model.eval().requires_grad_(False).to(device)
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.device = torch.device(device)
+        self.image_size = clip_image_size(model)
+        self.mean, self.std = (t.to(device) for t in clip_mean_std(model))
+        self.context_length = getattr(model, "context_length", 77)
+        self.logit_scale = float(model.logit_scale.exp().clamp(max=100).item())
+        self.embed_dim = int(self.encode_texts(["a"]).shape[-1])
+
+    @classmethod
+    def load(cls, spec: TeacherSpec, device: str = "cpu") -> Teacher:
+        model = open_clip.create_model(spec.model, pretrained=spec.pretrained, device=device,
+                                       weights_only=True)
+        tokenizer = open_clip.get_tokenizer(spec.model)
+        return cls(model, tokenizer, spec, device)
+
+    def fingerprint(self) -> str:
+        """Content hash of the weights: a changed teacher gets a new cache key."""
+        # Bytes only, never a float reduction: a sum's rounding depends on torch's thread
+        # count, so the same weights hashed under 1 and 2 threads would get two cache keys.
+        # Up to 64k evenly strided values per tensor keep a ViT-L's hash under a second.
+        h = hashlib.sha256(self.spec.describe().encode())
+        for name, tensor in sorted(self.model.state_dict().items()):
+            flat = tensor.detach().reshape(-1).cpu()
+            h.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+            sample = flat[:: max(1, flat.numel() // 65536)].contiguous()
+            h.update(sample.view(torch.uint8).numpy().tobytes())  # any dtype, bf16 too
+        return h.hexdigest()[:16]
+
+    @torch.no_grad()
+    def encode_regions(self, image: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        crops = crop_regions(image.to(self.device), boxes.to(self.device), self.image_size)
+        return self.model.encode_image((crops - self.mean) / self.std, normalize=True)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(texts).to(self.device)
+        return self.model.encode_text(tokens, normalize=True)
+
+    def _word_tokens(self, words: list[str]) -> tuple[list[int], list[tuple[int, int]]]:
+        """CLIP BPE ids for a word list and each word's [start, end) token span.
+
+        CLIP's BPE splits on whitespace and punctuation first, so encoding word by word and
+        concatenating gives the ids of the joined sentence, with known spans.
+        """
+        inner = getattr(self.tokenizer, "tokenizer", self.tokenizer)
+        sot, eot = inner.sot_token_id, inner.eot_token_id
+        ids, spans = [sot], []
+        for word in words:
+            piece = inner.encode(word)[: max(0, self.context_length - 1 - len(ids))]
+            spans.append((len(ids), len(ids) + len(piece)))
+            ids.extend(piece)
+        ids.append(eot)
+        return ids, spans
+
+    @torch.no_grad()
+    def encode_words(self, sentences: list[list[str]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Pooled embedding (N×D) and per-word states (list of W×D), all normalized."""
+        model = self.model
+        if not hasattr(model, "token_embedding"):  # e.g. HF text towers: no token states
+            pooled = self.encode_texts([" ".join(s) for s in sentences])
+            words = [self.encode_texts(s) if s else pooled.new_zeros(0, pooled.shape[1])
+                     for s in sentences]
+            return pooled, words
+        batch = torch.zeros(len(sentences), self.context_length, dtype=torch.long)
+        all_spans, eot_pos = [], []
+        for i, sent in enumerate(sentences):
+            ids, spans = self._word_tokens(sent)
+            batch[i, : len(ids)] = torch.tensor(ids)
+            all_spans.append(spans)
+            eot_pos.append(len(ids) - 1)
+        batch = batch.to(self.device)
+        cast = model.transformer.get_cast_dtype()
+        x = model.token_embedding(batch).to(cast) + model.positional_embedding.to(cast)
+        x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))
+        proj = model.text_projection
+        x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+        x = F.normalize(x.float(), dim=-1)
+        pooled = x[torch.arange(len(sentences)), torch.tensor(eot_pos)]
+        words = []
+        for i, spans in enumerate(all_spans):
+            states = [x[i, a:b].mean(0) if b > a else pooled[i] for a, b in spans]
+            words.append(F.normalize(torch.stack(states), dim=-1) if states
+                         else x.new_zeros(0, x.shape[-1]))
+        return pooled, words
+
+
+def embedded_teacher_spec(folder: Path) -> TeacherSpec:
+    return TeacherSpec(model=f"local-dir:{Path(folder).resolve()}")

@@ -1,0 +1,140 @@
+"""The fine-tuning loop, on one worker of a run: ``train_loop(config, runtime)``.
+
+Data-parallel under Ray Train (gloo on CPU, NCCL on GPU; ``cliptd.training.runtime``), bf16
+autocast on GPU, gradient accumulation, low-shot epochs stretched to ``min_steps``, one
+self-describing checkpoint per epoch and exact resume from the latest one, rank-0 evaluation
+(a fixed sample before the last epoch, the whole split at the last) and MLflow logging.
+``cliptd.training.launch`` starts it on Ray Train; ``LocalRuntime`` runs it in-process.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch.utils.data import DataLoader
+
+from cliptd.core.config import PRIMARY_METRIC, resolve_config
+from cliptd.core.env import peak_rss_mb
+from cliptd.core.schedule import lr_scheduler, warmup_linear
+from cliptd.objective.task import CLIPTDTask
+from cliptd.training.checkpoint import (
+    CHECKPOINT_FORMAT,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+from cliptd.training.cost import run_cost
+from cliptd.training.run import build_run, evaluate, to_device
+
+COST_INSTANCES = 32  # eval problems the end-of-run inference-cost measurement forwards
+
+
+def epoch_batches(loader, n_batches: int, epoch: int):
+    """``n_batches`` batches, cycling the loader (a new shuffle per pass) when it is shorter."""
+    done, rep = 0, 0
+    while done < n_batches:
+        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch * 1000 + rep)  # DistributedSampler's shuffle seed
+        for batch in loader:
+            yield batch
+            done += 1
+            if done == n_batches:
+                return
+        rep += 1
+
+
+def train_loop(config: dict, rt) -> None:
+    launched = time.time()
+    cfg = resolve_config(config)
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    seed_everything(cfg["seed"])  # same init on every rank; DDP broadcasts anyway
+    parts = build_run(cfg)
+    model = rt.prepare_model(parts.task)
+    module: CLIPTDTask = model.module if hasattr(model, "module") else model
+    per_worker = max(1, cfg["batch_size"] // rt.world)
+    loader = rt.prepare_loader(DataLoader(
+        parts.train, batch_size=per_worker, shuffle=True, collate_fn=parts.collate_train,
+        generator=torch.Generator().manual_seed(cfg["seed"])))
+    # Low-shot: an epoch is at least min_steps / epochs optimizer steps (the small training
+    # set is cycled), so a 1 % run still trains, and is still evaluated `epochs` times.
+    epochs = cfg["epochs"]
+    batches_per_epoch = max(len(loader), -(-cfg["min_steps"] * cfg["grad_accum"] // epochs))
+    steps_per_epoch = max(1, batches_per_epoch // cfg["grad_accum"])
+    total_steps = epochs * steps_per_epoch
+    # frozen parameters (clip_features' CLIP tower) stay out of the optimizer
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"],
+                            weight_decay=cfg["weight_decay"])
+    warm = max(1, int(cfg["warmup_frac"] * total_steps))
+    sched = lr_scheduler(opt, warmup_linear(warm, total_steps))
+    start_epoch, step = 0, 0
+    state = rt.resume(CHECKPOINT_FORMAT)
+    if state is not None:  # resume exactly: weights, optimizer, schedule, every RNG
+        module.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        module.generator.set_state(state["select_rng"])
+        if getattr(loader, "generator", None) is not None:
+            loader.generator.set_state(state["loader_rng"])
+        start_epoch, step = state["epoch"] + 1, state["step"]
+    tracker = rt.tracker(cfg["tracking"])
+    # Epochs this run already logged before a crash or a killed driver: a restart from an
+    # earlier checkpoint re-runs them (exactly: same values), and MLflow must not get them
+    # twice.
+    logged = tracker.logged_steps() if tracker else set()
+    device = rt.device
+    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    model.train()
+    setup_seconds = time.time() - launched  # data, model, resume: what every (re)start pays
+    for epoch in range(start_epoch, epochs):
+        t0, seen, logs = time.time(), 0, {}
+        for i, batch in enumerate(epoch_batches(loader, batches_per_epoch, epoch)):
+            batch = to_device(batch, device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss, logs = model(batch, progress=step / total_steps)
+            (loss / cfg["grad_accum"]).backward()
+            seen += len(batch["keys"])
+            if (i + 1) % cfg["grad_accum"] == 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                rt.fault_point(cfg["fault"], step)
+        train_seconds = time.time() - t0
+        metrics = {"epoch": epoch + 1, "step": step, "train/seconds": train_seconds,
+                   "train/samples_per_s": seen * rt.world / max(train_seconds, 1e-9),
+                   "train/effective_batch": per_worker * rt.world * cfg["grad_accum"],
+                   "train/workers": rt.world, "train/nodes": rt.nodes,
+                   **{f"train/{k}": v for k, v in logs.items()}}
+        if epoch == start_epoch:
+            metrics["time/setup_s"] = setup_seconds
+        if rt.rank == 0:
+            t_eval = time.time()
+            metrics.update(evaluate(module, parts, cfg, device, sample=epoch + 1 < epochs))
+            metrics["time/eval_s"] = time.time() - t_eval
+            if epoch + 1 == epochs:  # what the trained student costs at inference
+                metrics.update(run_cost(module.student, to_device(parts.collate_eval(
+                    parts.eval[:COST_INSTANCES]), device)))
+        metrics["score"] = metrics.get(f"val/id/{PRIMARY_METRIC[cfg['task']]}", float("nan"))
+        # per trial in MLflow: a sweep's memory growth shows as a trend across its trials
+        metrics["sys/peak_rss_mb"] = peak_rss_mb()
+
+        def state(epoch=epoch, step=step, metrics=metrics) -> dict:  # a checkpoint that describes itself
+            return {
+                "format": CHECKPOINT_FORMAT, "model": module.state_dict(),
+                "student_config": vars(module.student.cfg),
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "rng": rng_state(), "select_rng": module.generator.get_state(),
+                "loader_rng": loader.generator.get_state()
+                if getattr(loader, "generator", None) is not None
+                else torch.Generator().get_state(),
+                "config": cfg, "epoch": epoch, "step": step, "metrics": metrics,
+            }
+
+        rt.checkpoint_and_report(metrics, epoch + 1, state=state, tokenizer=parts.tokenizer,
+                                 tracker=tracker, log=epoch + 1 not in logged)
+    if tracker:
+        tracker.close()

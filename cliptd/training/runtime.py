@@ -1,0 +1,131 @@
+"""Where a loop runs, and what every loop does the same way there.
+
+Both loops (fine-tuning, ``cliptd.training.loop``; pre-training,
+``cliptd.training.pretrain_loop``) talk to a ``Runtime``: Ray Train workers
+(``RayRuntime``) or this process (``LocalRuntime``). Beside rank, device and DDP wrapping,
+the runtime owns the pieces the loops share: resuming from the latest checkpoint, the
+rank-0 MLflow logger, a rank-0 checkpoint written with each report, and the fault
+injection the fault-tolerance tests use.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from cliptd.training.checkpoint import load_checkpoint_file
+
+
+class Runtime:
+    rank: int
+    world: int
+    nodes: int
+    device: torch.device
+
+    def resume(self, fmt: str) -> dict | None:
+        """The latest checkpoint's state (``fmt``-checked), or None on a fresh start."""
+        with self.latest_checkpoint() as folder:
+            if folder is None:
+                return None
+            return load_checkpoint_file(folder / "checkpoint.pt", fmt)
+
+    def tracker(self, tracking: dict | None):
+        """Rank 0's MLflow logger for ``tracking = {"uri", "run_id"}`` (None elsewhere)."""
+        if self.rank != 0 or not tracking:
+            return None
+        from cliptd.tracking.runs import RunLogger
+
+        return RunLogger(tracking["uri"], tracking["run_id"])
+
+    def checkpoint_and_report(self, metrics: dict, index: int, *, state: Callable[[], dict],
+                              tokenizer, unit: str = "epoch", tracker=None,
+                              log: bool = True) -> None:
+        """Rank 0 writes a checkpoint (``state()`` and the tokenizer), the tracker logs the
+        metrics at ``index`` (unless ``log`` is False: a restart re-running a logged
+        epoch), and every rank reports, so Ray Train keeps the checkpoint with them."""
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = None
+            if self.rank == 0:
+                folder = Path(tmp)
+                torch.save(state(), folder / "checkpoint.pt")
+                tokenizer.save_pretrained(folder / "tokenizer")
+            if tracker and log:
+                tracker.log_metrics(metrics, step=index)
+            self.report(metrics, folder, index, unit)
+
+    def fault_point(self, fault: dict | None, step: int) -> None:
+        """Fault injection for tests: a hard crash (no cleanup, no report) at step
+        ``fault["exit_at_step"]``, once (the marker file records that it happened)."""
+        if fault and fault.get("exit_at_step") == step and not Path(fault["marker"]).exists():
+            Path(fault["marker"]).write_text(f"worker {self.rank} exited at step {step}\n")
+            os._exit(1)
+
+
+class RayRuntime(Runtime):
+    """The loop's view of Ray Train: rank, device, DDP wrapping, checkpoints, reports."""
+
+    def __init__(self):
+        import ray.train
+        import ray.train.torch
+
+        self._train, self._torch = ray.train, ray.train.torch
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        # nodes the run spans (Ray Train places the same number of workers on each node)
+        self.nodes = self.world // max(1, ctx.get_local_world_size())
+        self.device = ray.train.torch.get_device()
+
+    def prepare_model(self, model):
+        # Parts of the task module sit idle in some runs (the distillation heads under
+        # `none`, a modality whose selection ratio is 0): DDP must not wait for their grads.
+        return self._torch.prepare_model(
+            model, parallel_strategy_kwargs={"find_unused_parameters": True})
+
+    def prepare_loader(self, loader):
+        return self._torch.prepare_data_loader(loader, move_to_device=False)
+
+    @contextmanager
+    def latest_checkpoint(self):
+        ckpt = self._train.get_checkpoint()
+        if ckpt is None:
+            yield None
+        else:
+            with ckpt.as_directory() as d:
+                yield Path(d)
+
+    def report(self, metrics: dict, folder: Path | None, epoch: int, unit: str = "epoch"
+               ) -> None:
+        ckpt = self._train.Checkpoint.from_directory(folder) if folder else None
+        self._train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"{unit}-{epoch:03d}")
+
+
+class LocalRuntime(Runtime):
+    """The same loop in this process, one worker: benchmarks and quick experiments."""
+
+    def __init__(self, device: str = "cpu", resume_from: Path | None = None,
+                 keep_dir: Path | None = None):
+        self.rank, self.world, self.nodes, self.device = 0, 1, 1, torch.device(device)
+        self.resume_from, self.keep_dir = resume_from, keep_dir
+        self.history: list[dict] = []
+
+    def prepare_model(self, model):
+        return model.to(self.device)
+
+    def prepare_loader(self, loader):
+        return loader
+
+    @contextmanager
+    def latest_checkpoint(self):
+        yield self.resume_from
+
+    def report(self, metrics: dict, folder: Path | None, epoch: int, unit: str = "epoch"
+               ) -> None:
+        self.history.append(metrics)
+        if folder and self.keep_dir:
+            shutil.copytree(folder, self.keep_dir / f"{unit}-{epoch:03d}", dirs_exist_ok=True)

@@ -1,0 +1,140 @@
+"""How a sweep is laid out before anything runs: trial slots from the cluster's resources,
+jobs sharing those slots without oversubscribing them, and sweep names."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from cliptd import tune
+from cliptd.sweep import plan as sweep_plan
+
+
+def _args(**kw):
+    base = dict(workers=1, gpus_per_worker=0, cpus_per_worker=None, task="vcr",
+                budget="default", name=None, out=None, resume=False)
+    return argparse.Namespace(**{**base, **kw})
+
+
+@pytest.fixture
+def cluster(monkeypatch):
+    def set_resources(res):
+        import ray
+
+        monkeypatch.setattr(ray, "cluster_resources", lambda: res)
+    return set_resources
+
+
+def test_two_cpus_give_two_slots_that_fill_the_machine(cluster):
+    cluster({"CPU": 2.0})
+    plan = sweep_plan.plan_resources(_args(), SimpleNamespace(max_concurrent=0))
+    assert plan["concurrency"] == 2
+    # each slot: its trial's worker, its driver and one waiting driver (see run_jobs)
+    per_slot = 2 * plan["driver"]["CPU"] + plan["cpus_per_worker"]
+    assert per_slot * plan["concurrency"] == pytest.approx(2.0)
+    assert plan["cpus_per_worker"] >= 0.9
+    assert plan["task"] == {"num_cpus": 0}  # search jobs hold no CPU
+
+
+def test_gpu_slots_and_head_only_drivers(cluster):
+    cluster({"CPU": 8.0, "GPU": 4.0, "cliptd_driver": 1.0})
+    plan = sweep_plan.plan_resources(_args(workers=2, gpus_per_worker=1),
+                               SimpleNamespace(max_concurrent=0))
+    assert plan["concurrency"] == 2
+    assert plan["driver"]["cliptd_driver"] > 0 and plan["task"]["resources"]["cliptd_driver"] > 0
+
+
+def test_budget_caps_the_slots(cluster):
+    cluster({"CPU": 16.0})
+    plan = sweep_plan.plan_resources(_args(), SimpleNamespace(max_concurrent=3))
+    assert plan["concurrency"] == 3
+
+
+def test_jobs_never_hold_more_trials_than_slots(monkeypatch):
+    """run_jobs: the trials that running jobs may hold never exceed twice the slots (the
+    driver room plan_resources reserves), every job runs, the last queued job may use every
+    slot, and a finished search's follow-up (its seed re-runs) is queued."""
+    import ray
+
+    live, launches = [], []
+
+    class Ref:  # stands for an ObjectRef: hashable, one per launched job
+        def __init__(self, job, concurrency):
+            self.job, self.concurrency = job, concurrency
+
+    class FakeTask:
+        def remote(self, job, concurrency):
+            live.append(Ref(job, concurrency))
+            launches.append((job["name"], concurrency))
+            assert sum(r.concurrency for r in live) <= 2 * 2, launches
+            return live[-1]
+
+    monkeypatch.setattr(ray, "remote", lambda **kw: (lambda fn: FakeTask()))
+    monkeypatch.setattr(ray, "wait", lambda refs, num_returns: ([refs[0]], refs[1:]))
+
+    def get(ref):
+        live.remove(ref)
+        return {"job": ref.job["name"]}
+
+    monkeypatch.setattr(ray, "get", get)
+    jobs = [{"name": n, "kind": "search", "condition": "c", "method": n} for n in "abc"]
+    done = []
+
+    def on_done(job, result):
+        done.append(result["job"])
+        return [{"name": f"{job['name']}-seeds", "kind": "seeds", "condition": "c",
+                 "method": job["name"]}] if job["kind"] == "search" else []
+
+    sweep_plan.run_jobs(jobs, {"concurrency": 2, "task": {"num_cpus": 0}}, on_done)
+    assert sorted(done) == ["a", "a-seeds", "b", "b-seeds", "c", "c-seeds"]
+    assert launches[:2] == [("a", 1), ("b", 1)]  # two jobs at a time, one trial each
+    launches.clear()
+    sweep_plan.run_jobs(jobs, {"concurrency": 2, "task": {"num_cpus": 0}}, lambda j, r: [])
+    assert launches == [("a", 1), ("b", 1), ("c", 2)]  # the last one may take both slots
+    launches.clear()
+    sweep_plan.run_jobs(jobs[:1], {"concurrency": 2, "task": {"num_cpus": 0}}, lambda j, r: [])
+    assert launches == [("a", 2)]  # a job alone gets both slots
+
+
+def test_sweep_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert tune.sweep_name(_args(name="mine")) == "mine"
+    assert tune.sweep_name(_args()) == "vcr-default"
+    (tmp_path / "runs" / "vcr-default").mkdir(parents=True)
+    (tmp_path / "runs" / "vcr-default" / "optuna.db").write_text("")
+    second = tune.sweep_name(_args())
+    assert second.startswith("vcr-default-") and second != "vcr-default"
+    (tmp_path / "runs" / second).mkdir()
+    (tmp_path / "runs" / second / "optuna.db").write_text("")
+    old = time.time() - 100
+    os.utime(tmp_path / "runs" / "vcr-default", (old, old))
+    assert tune.sweep_name(_args(resume=True)) == second  # the latest one
+
+
+def test_local_ray_runs_without_preemption_watcher(monkeypatch):
+    """A local Ray (no --address) cannot be preempted: Ray Train's per-run preemption
+    watcher is turned off unless the user set it; a cluster address keeps Ray's default."""
+    import types
+
+    import ray
+
+    from cliptd.cli.common import init_ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    # set, then unset: monkeypatch then restores the original state whatever init_ray does
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "x")
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
+    init_ray(types.SimpleNamespace(address="ray://head:10001"))
+    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ
+    init_ray(types.SimpleNamespace(address=None))
+    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    assert calls[1]["dashboard_host"] == "127.0.0.1"
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")  # the user's choice wins
+    init_ray(types.SimpleNamespace(address=None))
+    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "1"
