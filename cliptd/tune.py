@@ -32,12 +32,14 @@ import yaml
 
 from cliptd.cli.common import (
     add_common_args,
+    add_data_args,
     die,
     init_ray,
     positive_int,
     reachable_tracking_uri,
     resolve_storage,
     setup_embedded,
+    user_run_config,
 )
 from cliptd.core.atomic import atomic_write
 from cliptd.core.config import PRIMARY_METRIC, resolve_config
@@ -82,14 +84,11 @@ def main(argv=None) -> int:
     parser.add_argument("--name", help="sweep name (default <task>-<budget>); reuse to resume")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     parser.add_argument("--searcher-seed", type=int, default=0)
-    parser.add_argument("--data", type=Path, help="a prepared dataset (python -m cliptd.data "
-                        "prepare); default: the embedded synthetic world")
-    parser.add_argument("--student", help="pretrained student folder (with --data)")
-    parser.add_argument("--teacher-cache", type=Path, help="teacher cache folder (with --data)")
     parser.add_argument("--methods", help="comma-separated subset of the space's methods")
     parser.add_argument("--num-samples", type=positive_int, metavar="N",
                         help="trials per search (overrides the budget's num_samples)")
     parser.add_argument("--out", type=Path, help="local output folder (default runs/<name>)")
+    add_data_args(parser)
     args = parser.parse_args(argv)
     start = time.time()
     try:
@@ -109,17 +108,20 @@ def main(argv=None) -> int:
     from cliptd.tracking import runs as tracking
 
     uri = reachable_tracking_uri(args)
+    try:  # the user's own inputs refused before anything is written or started
+        if args.data:
+            base = user_run_config(args, needs_teacher=methods != ["none"])
+        elif args.student or args.teacher or args.teacher_cache or args.tokenizer:
+            raise ValueError("--student, --tokenizer, --teacher and --teacher-cache go with "
+                             "--data (without it the embedded world brings its own)")
+    except (ValueError, DataError, FileNotFoundError) as exc:
+        die(str(exc))
     name = sweep_name(args)
     out = (args.out or Path("runs") / name).resolve()
     out.mkdir(parents=True, exist_ok=True)
     args.storage_path = resolve_storage(args.storage_path)
     try:
-        if args.data:
-            if not (args.student and (args.teacher_cache or methods == ["none"])):
-                raise ValueError("--data needs --student and --teacher-cache")
-            base = {"task": args.task, "data": str(args.data), "student": args.student,
-                    "teacher_cache": str(args.teacher_cache) if args.teacher_cache else None}
-        else:
+        if not args.data:
             world, caches = setup_embedded(args, (args.task,))
             base = {"task": args.task, "data": str(world.data[args.task]),
                     "student": str(world.student), "teacher_cache": str(caches[args.task])}

@@ -6,6 +6,7 @@ clean failures (one line, exit 2)."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -113,22 +114,48 @@ def setup_embedded(args, tasks) -> tuple:
     return world, world.teacher_caches
 
 
+LOCAL_RAY_HOST = "127.0.0.2"
+
+
 def init_ray(args, **kwargs) -> None:
+    """Join the cluster at ``--address`` (or ``$RAY_ADDRESS``, which ``ray job submit``
+    sets), else start a local Ray instance on loopback."""
     import ray
 
     if ray.is_initialized():
         return
-    if args.address:
-        ray.init(address=args.address, **kwargs)
-    else:
-        # One local node cannot be preempted, so Ray Train's per-run preemption watcher (an
-        # extra process per trial, ~3 s of a core to start) only slows every trial; on a
-        # cluster (--address) it stays on, for spot nodes.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        # Loopback only: nothing of the local Ray instance listens beyond this machine (Ray
-        # rewrites 127.0.0.1 to the routable address, other loopback addresses it keeps). The
-        # dashboard process also serves the state API that Train V2's controller polls.
-        ray.init(_node_ip_address="127.0.0.2", dashboard_host="127.0.0.1", **kwargs)
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address and address == os.environ.get("CLIPTD_LOCAL_RAY"):
+        address = None  # inherited from a cliptd command's own local instance, not a cluster
+    if address:
+        ray.init(address=address, **kwargs)
+        return
+    # One local node cannot be preempted, so Ray Train's per-run preemption watcher (an
+    # extra process per trial, ~3 s of a core to start) only slows every trial; on a
+    # cluster (--address) it stays on, for spot nodes.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # Ray's own helpers (Train V2's placement-group cleaner, the state API clients) find
+    # "their" cluster through $RAY_ADDRESS, else by scanning the machine's processes, and
+    # fail when another Ray instance runs beside this one (a second cliptd command, a test
+    # cluster): so the GCS port is chosen here, and every Ray process started for this
+    # instance inherits the address. address="local" starts a new instance whatever
+    # $RAY_ADDRESS says.
+    port = _free_port(LOCAL_RAY_HOST)
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    os.environ["RAY_ADDRESS"] = os.environ["CLIPTD_LOCAL_RAY"] = f"{LOCAL_RAY_HOST}:{port}"
+    # Loopback only: nothing of the local Ray instance listens beyond this machine (Ray
+    # rewrites 127.0.0.1 to the routable address, other loopback addresses it keeps). The
+    # dashboard process also serves the state API that Train V2's controller polls.
+    ray.init(address="local", _node_ip_address=LOCAL_RAY_HOST, dashboard_host="127.0.0.1",
+             **kwargs)
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def positive_int(text: str) -> int:
@@ -140,3 +167,87 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """A researcher's own data, student and teacher (instead of the embedded world)."""
+    g = parser.add_argument_group("your own data, student and teacher")
+    g.add_argument("--data", type=Path, help="a prepared dataset (python -m cliptd.data "
+                   "prepare); default: the embedded synthetic world")
+    g.add_argument("--student", help="a downloaded VisualBERT / LXMERT folder (config.json + "
+                   "model.safetensors or pytorch_model.bin), a cliptd student export, or a "
+                   "shipped student config name")
+    g.add_argument("--tokenizer", type=Path, help="the tokenizer folder of a checkpoint that "
+                   "ships none (uclanlp's VisualBERT: bert-base-uncased's)")
+    g.add_argument("--student-config", help="region backbone and image size for a downloaded "
+                   "checkpoint: a shipped name (visualbert-resnet) or a JSON file")
+    g.add_argument("--teacher", help="open_clip MODEL[:PRETRAINED] (ViT-B-32:openai, "
+                   "ViT-S-32-alt:/path/weights.bin): its cache is built or reused")
+    g.add_argument("--teacher-cache", type=Path, help="a teacher cache folder "
+                   "(python -m cliptd.teacher_cache)")
+
+
+def user_run_config(args, needs_teacher: bool) -> dict:
+    """The base run config of ``--data``: every input checked before Ray starts (the
+    dataset's manifest and task, the student folder and its tokenizer, the teacher and its
+    cache), the teacher cache built when ``--teacher`` names one that has none yet.
+    Raises ValueError / DataError / FileNotFoundError naming the file or field."""
+    from cliptd.data.prepare import load_manifest
+    from cliptd.model.student import check_student
+    from cliptd.teacher.cache import check_cache
+    from cliptd.teacher.clip import TeacherSpec
+
+    manifest = load_manifest(args.data)
+    if manifest["task"] != args.task:
+        raise ValueError(f"{args.data} holds {manifest['task']} data, not --task {args.task}")
+    if not args.student:
+        raise ValueError("--data needs --student (a downloaded VisualBERT / LXMERT folder, "
+                         "a cliptd export, or a student config name)")
+    check_student(args.student, args.tokenizer, args.student_config)
+    spec = TeacherSpec.parse(args.teacher) if args.teacher else None
+    if spec:
+        spec.check()
+    cache = args.teacher_cache
+    if cache is None and spec is not None:
+        cache = build_teacher_cache(spec, args.data, teacher_cache_root(args.cache))
+    if cache is not None:
+        check_cache(cache, task=args.task, version=manifest["version"], teacher=spec)
+    elif needs_teacher:
+        raise ValueError("distillation needs a teacher: --teacher MODEL[:PRETRAINED] or "
+                         "--teacher-cache DIR (or --methods none)")
+    return {"task": args.task, "data": str(args.data), "student": str(args.student),
+            "tokenizer": str(args.tokenizer) if args.tokenizer else None,
+            "student_config": args.student_config,
+            "teacher_cache": str(cache) if cache else None}
+
+
+def teacher_cache_root(cache: Path | None) -> Path:
+    """Where teacher caches live by default: ``<--cache or $CLIPTD_CACHE>/teacher_cache``."""
+    from cliptd.embedded.world import default_cache_dir
+
+    return Path(cache or default_cache_dir()) / "teacher_cache"
+
+
+def build_teacher_cache(spec, data: Path, root: Path, split: str = "train",
+                        device: str = "cpu", log=print) -> Path:
+    """Build (or reuse) ``spec``'s cache of a prepared dataset's split under ``root``, and
+    say what it cost."""
+    import time
+
+    from cliptd.teacher.cache import ensure_cache
+    from cliptd.teacher.clip import Teacher
+
+    start = time.time()
+    teacher = Teacher.load(spec, device=device)
+    loaded = time.time()
+    folder = ensure_cache(teacher, data, root, split=split)
+    meta = json.loads((folder / "meta.json").read_text())
+    seconds = time.time() - loaded
+    if (folder / "_SUCCESS").stat().st_mtime < loaded:
+        log(f"[cliptd] teacher cache of {spec.describe()} on {data} ({split}): reused {folder}")
+    else:
+        log(f"[cliptd] teacher cache of {spec.describe()} on {data} ({split}): "
+            f"{meta['problems']} problems in {seconds:.1f} s "
+            f"({meta['problems'] / max(seconds, 1e-9):.2f} problems/s; teacher loaded in "
+            f"{loaded - start:.1f} s) → {folder}")
+    return folder

@@ -86,7 +86,10 @@ DEFAULT_CONFIG = {
     "shots": 1.0,  # fraction of the train split, or "k<N>" for N per class
     "subset_seed": 0,
     "preset": "none",  # domain-shift preset (cliptd.data.subsets.DOMAIN_PRESETS)
-    "student": "visualbert-tiny",  # pretrained student folder, or a shipped config name
+    # a cliptd student export, a downloaded VisualBERT / LXMERT folder, or a shipped config
+    "student": "visualbert-tiny",
+    "tokenizer": None,  # tokenizer folder of a downloaded checkpoint that ships none
+    "student_config": None,  # region backbone / image size for a downloaded checkpoint
     "teacher_cache": None,  # teacher-cache folder (None: no distillation possible)
     "distill": DistillConfig().as_dict(),
     "lr": 3e-4,

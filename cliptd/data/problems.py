@@ -190,6 +190,8 @@ class Collator:
                                                            problems[0].candidates else 0),
             "keys": [p.key for p in problems],
         }
+        if "token_type_ids" in enc:  # BERT segments: query A, candidate B
+            batch["token_type_ids"] = enc["token_type_ids"]
         if self.num_outputs:
             soft = torch.zeros(len(problems), self.num_outputs)
             for b, p in enumerate(problems):

@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cliptd.data.prepare import MANIFEST, answer_vocab, load_manifest, prepare, read_split
+from cliptd.data.prepare import MANIFEST, prepare
 from cliptd.teacher.clip import TeacherSpec, embedded_teacher_spec
 from cliptd.teacher.pretrain import TeacherPretrainConfig
 
@@ -144,13 +144,16 @@ def ensure_world(cache: Path | None = None, cfg: WorldConfig | None = None, *,
         teacher = embedded_teacher_spec(teacher_dir)
         caches = {}
         if caches_for:
+            from cliptd.core.config import DEFAULT_CONFIG
+            from cliptd.teacher.cache import ensure_cache
             from cliptd.teacher.clip import Teacher
 
             model = Teacher.load(teacher)  # once: its fingerprint keys every cache
             for task in caches_for:
                 caches[task] = _timed(timings, f"teacher_cache_{task}", lambda task=task: (
-                    _one_thread_while(student_job, lambda: ensure_teacher_cache(
-                        root, model, task, prepared[task]))))
+                    _one_thread_while(student_job, lambda: ensure_cache(
+                        model, prepared[task], root / "teacher_cache",
+                        vqa_vocab=DEFAULT_CONFIG["vqa_vocab"]))))
         if student_job is not None:
             timings["student_pretrain"] = round(student_job.result(), 1)
             timings["student_wait"] = round(time.time() - started, 1)
@@ -173,25 +176,6 @@ def _one_thread_while(job, fn):
         return fn()
     finally:
         torch.set_num_threads(threads)
-
-
-def ensure_teacher_cache(root: Path, model, task: str, folder: Path) -> Path:
-    """The cache of a loaded ``Teacher`` on ``task``'s train split, built once per
-    (teacher, dataset)."""
-    from cliptd.core.config import DEFAULT_CONFIG
-    from cliptd.data.problems import problems_from_table
-    from cliptd.teacher.cache import build_cache, cache_key
-
-    manifest = load_manifest(folder)
-    key = cache_key(model.fingerprint(), manifest["version"], "train", task)
-    out = root / "teacher_cache"
-    if not (out / key / "_SUCCESS").exists():
-        table = read_split(folder, "train")
-        vocab = answer_vocab(table, DEFAULT_CONFIG["vqa_vocab"]) \
-            if task == "vqa" else None
-        problems = problems_from_table(task, table, Path(manifest["image_root"]), vocab)
-        build_cache(model, task, problems, out, key, vocab=vocab)
-    return out / key
 
 
 def world_words(synthetic: Path, prepared: dict[str, Path]) -> set[str]:

@@ -53,7 +53,8 @@ def clip_tower_config(model: nn.Module, spec: TeacherSpec, replaces: str) -> dic
 
 
 class ClipRegionEncoder(nn.Module):
-    """Frozen CLIP image tower over region crops → trainable projection to hidden_size.
+    """Frozen CLIP image tower over region crops → trainable projection to the encoder's
+    region input size (``StudentConfig.region_dim``).
 
     Takes the images un-normalised (in [0, 1]): the crops are normalised with CLIP's own
     mean / std, not the student's ImageNet ones.
@@ -76,9 +77,9 @@ class ClipRegionEncoder(nn.Module):
         self.register_buffer("clip_mean", torch.tensor(clip["mean"]).view(1, 3, 1, 1), False)
         self.register_buffer("clip_std", torch.tensor(clip["std"]).view(1, 3, 1, 1), False)
         # trained from scratch: nothing pretrained maps CLIP's space to the student's
-        self.proj = nn.Linear(clip["embed_dim"], cfg.hidden_size)
-        self.geometry = nn.Linear(5, cfg.hidden_size)
-        self.norm = nn.LayerNorm(cfg.hidden_size)
+        self.proj = nn.Linear(clip["embed_dim"], cfg.region_dim)
+        self.geometry = nn.Linear(5, cfg.region_dim)
+        self.norm = nn.LayerNorm(cfg.region_dim)
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -49,9 +49,9 @@ class RegionEncoder(nn.Module):
         else:
             raise ValueError(f"unknown backbone {cfg.backbone!r} (tiny, resnet18, resnet50, "
                              "clip)")
-        self.proj = nn.Linear(head_out, cfg.hidden_size)
-        self.geometry = nn.Linear(5, cfg.hidden_size)
-        self.norm = nn.LayerNorm(cfg.hidden_size)
+        self.proj = nn.Linear(head_out, cfg.region_dim)
+        self.geometry = nn.Linear(5, cfg.region_dim)
+        self.norm = nn.LayerNorm(cfg.region_dim)
 
     def forward(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """images N×3×S×S (normalized), boxes N×R×4 in pixels of the S×S image → N×R×H."""

@@ -29,8 +29,9 @@ from transformers import (
 )
 
 from cliptd.model.clip_regions import clip_tower_config
-from cliptd.model.config import StudentConfig
+from cliptd.model.config import StudentConfig, read_checkpoint_config
 from cliptd.model.regions import RegionEncoder
+from cliptd.model.tokenizers import load_checkpoint_tokenizer
 from cliptd.teacher.clip import TeacherSpec
 
 # VisualBERT warns on every forward in which a region has no aligned word (the usual case);
@@ -64,33 +65,13 @@ class VLStudent(nn.Module):
             self.regions = ClipRegionEncoder(cfg)
         else:
             self.regions = RegionEncoder(cfg)
-        common = dict(hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
-                      intermediate_size=cfg.intermediate_size,
-                      hidden_dropout_prob=cfg.hidden_dropout_prob,
-                      attention_probs_dropout_prob=cfg.hidden_dropout_prob,
-                      vocab_size=cfg.vocab_size)
-        if cfg.arch == "visualbert":
-            if cfg.checkpoint:
-                self.encoder = VisualBertModel.from_pretrained(cfg.checkpoint)
-            else:
-                self.encoder = VisualBertModel(VisualBertConfig(
-                    **common, num_hidden_layers=cfg.num_hidden_layers,
-                    max_position_embeddings=cfg.max_position_embeddings,
-                    visual_embedding_dim=cfg.hidden_size))
-        elif cfg.arch == "lxmert":
-            if cfg.checkpoint:
-                self.encoder = LxmertModel.from_pretrained(cfg.checkpoint)
-            else:
-                layers = max(1, cfg.num_hidden_layers)
-                self.encoder = LxmertModel(LxmertConfig(
-                    **common, l_layers=layers, x_layers=layers, r_layers=1,
-                    max_position_embeddings=cfg.max_position_embeddings,
-                    visual_feat_dim=cfg.hidden_size, visual_pos_dim=4))
-        else:
-            raise ValueError(f"unknown student arch {cfg.arch!r} (visualbert, lxmert)")
+        self.encoder = build_encoder(cfg)
         hidden = self.encoder.config.hidden_size
         if cfg.hidden_size != hidden:
             raise ValueError(f"student hidden_size {cfg.hidden_size} != checkpoint's {hidden}")
+        # region features reach the words that refer to them at the encoder's hidden size
+        self.ground = nn.Identity() if cfg.region_dim == hidden else nn.Linear(
+            cfg.region_dim, hidden)
         if cfg.task_head == "multiple_choice":
             self.head = nn.Sequential(nn.Dropout(cfg.hidden_dropout_prob), nn.Linear(hidden, 1))
         elif cfg.task_head in ("classify", "vqa"):
@@ -108,7 +89,7 @@ class VLStudent(nn.Module):
         return self.regions((images - self.mean) / self.std, boxes)
 
     def encode(self, input_ids, attention_mask, token_regions, image_index, region_feats,
-               region_mask, box_geometry) -> StudentOutput:
+               region_mask, box_geometry, token_type_ids=None) -> StudentOutput:
         vis = region_feats[image_index]
         vmask = region_mask[image_index].long()
         L = input_ids.shape[1]
@@ -118,6 +99,8 @@ class VLStudent(nn.Module):
         emb = self.encoder.embeddings.word_embeddings(input_ids)
         ground = torch.gather(vis, 1, token_regions.clamp(min=0)[..., None].expand(
             -1, -1, vis.shape[-1]))
+        ground = self.ground(ground)
+        segments = token_type_ids if self.cfg.segments else None
         emb = emb + ground * (token_regions >= 0)[..., None].to(emb.dtype)
         if self.cfg.arch == "visualbert":
             # VisualBERT's own grounding too: a region gets the position embedding of the
@@ -131,13 +114,13 @@ class VLStudent(nn.Module):
             k = int(match.sum(-1).max().clamp(min=1))
             alignment = alignment.sort(dim=-1, descending=True).values[..., :k]
             out = self.encoder(inputs_embeds=emb, attention_mask=attention_mask,
-                               visual_embeds=vis, visual_attention_mask=vmask,
-                               image_text_alignment=alignment)
+                               token_type_ids=segments, visual_embeds=vis,
+                               visual_attention_mask=vmask, image_text_alignment=alignment)
             seq = out.last_hidden_state
             return StudentOutput(seq[:, :L], seq[:, L:], out.pooler_output)
-        out = self.encoder(inputs_embeds=emb, attention_mask=attention_mask, visual_feats=vis,
-                           visual_pos=box_geometry[image_index],
-                           visual_attention_mask=vmask)
+        out = self.encoder(inputs_embeds=emb, attention_mask=attention_mask,
+                           token_type_ids=segments, visual_feats=vis,
+                           visual_pos=box_geometry[image_index], visual_attention_mask=vmask)
         return StudentOutput(out.language_output, out.vision_output, out.pooled_output)
 
     def forward(self, batch: dict) -> StudentOutput:
@@ -146,7 +129,8 @@ class VLStudent(nn.Module):
         feats = self.region_features(batch["images"], batch["boxes"])
         out = self.encode(batch["input_ids"], batch["attention_mask"], batch["token_regions"],
                           batch["image_index"], feats, batch["region_mask"],
-                          batch["boxes"] / batch["images"].shape[-1])
+                          batch["boxes"] / batch["images"].shape[-1],
+                          batch.get("token_type_ids"))
         out.logits = self.head(out.pooled)
         return out
 
@@ -157,31 +141,86 @@ class VLStudent(nn.Module):
         return out.logits
 
 
+ENCODER_CLASSES = {"visualbert": (VisualBertModel, VisualBertConfig),
+                   "lxmert": (LxmertModel, LxmertConfig)}
+
+
+def build_encoder(cfg: StudentConfig) -> nn.Module:
+    """The transformers encoder: loaded from ``cfg.checkpoint`` (a downloaded folder or an
+    export), else built from ``cfg.encoder_config`` (a checkpoint's own config: the weights
+    then come from a cliptd checkpoint), else from the small-config fields."""
+    if cfg.arch not in ENCODER_CLASSES:
+        raise ValueError(f"unknown student arch {cfg.arch!r} ({', '.join(ENCODER_CLASSES)})")
+    model_cls, config_cls = ENCODER_CLASSES[cfg.arch]
+    if cfg.checkpoint:
+        encoder, info = model_cls.from_pretrained(cfg.checkpoint, output_loading_info=True)
+        if info["missing_keys"] or info.get("mismatched_keys"):
+            raise ValueError(f"{cfg.checkpoint}: weights do not fit its config.json "
+                             f"(missing {sorted(info['missing_keys'])[:5]}, mismatched "
+                             f"{[k for k, *_ in info.get('mismatched_keys', [])][:5]})")
+        return encoder
+    if cfg.encoder_config:
+        return model_cls(config_cls.from_dict(cfg.encoder_config))
+    common = dict(hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
+                  intermediate_size=cfg.intermediate_size,
+                  hidden_dropout_prob=cfg.hidden_dropout_prob,
+                  attention_probs_dropout_prob=cfg.hidden_dropout_prob,
+                  vocab_size=cfg.vocab_size, max_position_embeddings=cfg.max_position_embeddings)
+    if cfg.arch == "visualbert":
+        return model_cls(config_cls(**common, num_hidden_layers=cfg.num_hidden_layers,
+                                    visual_embedding_dim=cfg.region_dim))
+    layers = max(1, cfg.num_hidden_layers)
+    return model_cls(config_cls(**common, l_layers=layers, x_layers=layers, r_layers=1,
+                                visual_feat_dim=cfg.region_dim, visual_pos_dim=4))
+
+
 def save_student(model: VLStudent, tokenizer, folder: Path, extra: dict | None = None) -> None:
-    """Export: the student alone (config, weights, tokenizer) — no teacher, no loss heads.
-    A ``clip`` backbone's CLIP image tower is part of the student, so it is exported too."""
+    """Export: the student alone — no teacher, no loss heads — as a transformers folder.
+
+    The encoder is ``save_pretrained`` into the folder itself (``config.json`` +
+    ``model.safetensors``: ``AutoModel.from_pretrained(folder)`` loads it, and so does
+    ``AutoTokenizer`` the tokenizer saved beside it); the region encoder, the grounding
+    projection and the task head are ``student.pt`` (a ``clip`` backbone's frozen CLIP tower
+    too), described by ``student_config.json``. ``load_student`` rebuilds the whole
+    student from the folder alone."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    cfg = replace(model.cfg, checkpoint=None)  # the folder holds the encoder itself
+    model.encoder.save_pretrained(folder)
     (folder / "student_config.json").write_text(json.dumps(
-        {"student": asdict(model.cfg), **(extra or {})}, indent=2))
-    torch.save(model.state_dict(), folder / "student.pt")
-    tokenizer.save_pretrained(folder / "tokenizer")
+        {"student": asdict(cfg), "source_checkpoint": model.cfg.checkpoint, **(extra or {})},
+        indent=2))
+    torch.save({k: v for k, v in model.state_dict().items() if not k.startswith("encoder.")},
+               folder / "student.pt")
+    tokenizer.save_pretrained(folder)
 
 
 def load_student(folder: Path, **overrides) -> tuple[VLStudent, PreTrainedTokenizerFast]:
-    """Load an exported student; ``overrides`` may swap the task head (pretrained → task)."""
+    """Load an exported student; ``overrides`` may swap the task head (pretrained → task).
+
+    Reads both layouts: the transformers folder ``save_student`` writes, and the earlier
+    one (every weight in ``student.pt``, the tokenizer in ``tokenizer/``)."""
+    from transformers import AutoTokenizer
+
     folder = Path(folder)
     cfg = StudentConfig(**json.loads((folder / "student_config.json").read_text())["student"])
     head_changed = any(getattr(cfg, k) != v for k, v in overrides.items())
     for k, v in overrides.items():
         setattr(cfg, k, v)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(folder / "tokenizer")
+    transformers_layout = (folder / "config.json").exists()
+    if transformers_layout:
+        cfg.checkpoint = str(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    else:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(folder / "tokenizer")
     model = VLStudent(cfg)
+    cfg.checkpoint = None  # the weights are the student's own now, not the folder's
     state = torch.load(folder / "student.pt", map_location="cpu", weights_only=True)
     if head_changed:
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    bad = [k for k in missing if not k.startswith("head.")] + list(unexpected)
+    bad = [k for k in missing if not k.startswith("head.")
+           and not (transformers_layout and k.startswith("encoder."))] + list(unexpected)
     if bad:
         raise ValueError(f"{folder}/student.pt does not match its config: {bad[:5]}")
     return model, tokenizer
@@ -211,3 +250,58 @@ def with_clip_regions(student: VLStudent, clip_model: nn.Module,
         raise RuntimeError(f"clip student does not match its source: {unexpected or missing}")
     out.regions.tower.load_state_dict(clip_model.visual.state_dict())  # strict
     return out.train(student.training)
+
+
+def student_kind(ref: str) -> str:
+    """What ``--student`` names: a cliptd ``export`` (``student_config.json``), a downloaded
+    VisualBERT / LXMERT ``checkpoint`` folder (``config.json``), or a shipped / JSON student
+    ``config`` trained from scratch."""
+    path = Path(ref)
+    if (path / "student_config.json").exists():
+        return "export"
+    if path.is_dir() or ("/" in ref and not ref.endswith(".json")):
+        return "checkpoint"  # a folder, or a path to one that is not there (refused then)
+    return "config"
+
+
+def open_student(ref: str, *, task_head: str, num_outputs: int, tokenizer: str | None = None,
+                 student_config: str | None = None, words=None):
+    """The student a run fine-tunes and its tokenizer.
+
+    - a cliptd export: loaded whole, its task head replaced by the run's;
+    - a downloaded checkpoint: its encoder and tokenizer (``tokenizer``: a folder, when the
+      checkpoint ships none), region backbone and image size from ``student_config``;
+    - a student config: from scratch, with a word vocabulary over ``words()``."""
+    kind = student_kind(ref)
+    if kind != "checkpoint" and tokenizer:
+        raise ValueError(f"--tokenizer is for a downloaded checkpoint; {ref} is a "
+                         f"{'cliptd export with its own' if kind == 'export' else 'student config'}")
+    if kind == "export":
+        return load_student(Path(ref), task_head=task_head, num_outputs=num_outputs)
+    if kind == "checkpoint":
+        base = StudentConfig.from_name(student_config or "visualbert-tiny")
+        cfg = StudentConfig.from_checkpoint(ref, base, task_head=task_head,
+                                            num_outputs=num_outputs)
+        tok = load_checkpoint_tokenizer(Path(ref), tokenizer, cfg.vocab_size)
+        return VLStudent(cfg), tok
+    from cliptd.model.tokenizers import build_word_tokenizer
+
+    tok = build_word_tokenizer(words() if words else [])
+    return VLStudent(StudentConfig.from_name(ref, vocab_size=len(tok), task_head=task_head,
+                                             num_outputs=num_outputs)), tok
+
+
+def check_student(ref: str, tokenizer: str | None = None,
+                  student_config: str | None = None) -> str:
+    """Refuse a student that cannot work, before anything starts (no weights are loaded):
+    returns its kind, or raises ValueError naming the file and field."""
+    kind = student_kind(ref)
+    if kind == "checkpoint":
+        enc = read_checkpoint_config(Path(ref))
+        load_checkpoint_tokenizer(Path(ref), tokenizer, enc["vocab_size"])
+        StudentConfig.from_name(student_config or "visualbert-tiny")
+    elif tokenizer:
+        raise ValueError(f"--tokenizer is for a downloaded checkpoint, not {ref}")
+    elif kind == "config":
+        StudentConfig.from_name(ref)
+    return kind

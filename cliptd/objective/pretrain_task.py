@@ -56,7 +56,8 @@ class PretrainTask(nn.Module):
         # Region attribute classification on the backbone's region features, as BUTD's
         # detector (VisualBERT's and LXMERT's region features) is trained on Visual Genome's
         # object and attribute labels: it makes the features resolve what questions ask.
-        self.attributes = nn.ModuleList(nn.Linear(hidden, n) for n in group_sizes)
+        self.attributes = nn.ModuleList(nn.Linear(student.cfg.region_dim, n)
+                                        for n in group_sizes)
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         s = self.student

@@ -36,7 +36,7 @@ def train_driver_fn(config: dict, meta: dict) -> None:
             meta["tracking_uri"], meta["experiment_id"], meta["parent_run_id"], trial_id,
             name=f"{meta['condition']}/{cfg['distill']['method']}/{ctx.get_trial_name()}",
             tags=tags, params={**cfg, "searcher_seed": meta["searcher_seed"],
-                               "versions": meta["versions"]}),
+                               "versions": meta["versions"]}, dataset=cfg),
             f"opening the MLflow run of trial {trial_id}")
         cfg["tracking"] = {"uri": meta["tracking_uri"], "run_id": run_id}
     trainer = make_trainer(

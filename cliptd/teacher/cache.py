@@ -132,8 +132,11 @@ def _to_record(row: dict) -> dict:
 
 
 def build_cache(teacher: Teacher, task: str, problems: list[Problem], root: Path, key: str, *,
-                vocab: list[str] | None = None, progress: bool = True) -> Path:
-    """Compute (or resume computing) the cache for ``problems``; returns its folder."""
+                vocab: list[str] | None = None, progress: bool = True,
+                source: dict | None = None) -> Path:
+    """Compute (or resume computing) the cache for ``problems``; returns its folder.
+    ``source``: what the problems are (``data``, ``version``, ``split``), recorded so that a
+    run on other data or another split can refuse the cache (``check_cache``)."""
     final = Path(root) / key
     if (final / "_SUCCESS").exists():
         return final
@@ -160,8 +163,8 @@ def build_cache(teacher: Teacher, task: str, problems: list[Problem], root: Path
     (partial / "meta.json").write_text(json.dumps({
         "task": task, "teacher": teacher.spec.describe(),
         "teacher_spec": {"model": teacher.spec.model, "pretrained": teacher.spec.pretrained},
-        "problems": len(labelled), "dim": teacher.embed_dim, "format": CACHE_FORMAT},
-        indent=2))
+        "problems": len(labelled), "dim": teacher.embed_dim, "format": CACHE_FORMAT,
+        **({"source": source} if source else {})}, indent=2))
     (partial / "_SUCCESS").write_text("")
     if final.exists():
         shutil.rmtree(final)
@@ -217,3 +220,51 @@ def targets_as_cache_rows(rows: list[dict]) -> dict[str, dict]:
         "words": r["words"].float().numpy(), "rel_v": r["rel_v"].float().numpy(),
         "rel_w": r["rel_w"].float().numpy(), "gold_prob": r["gold_prob"],
         "correct": r["correct"]} for r in rows}
+
+
+def check_cache(folder: Path, *, task: str, version: str, split: str = "train",
+                teacher: TeacherSpec | None = None) -> None:
+    """Refuse a teacher cache built for another task, other data (another prepared
+    dataset version), another split, or (``teacher``) by another CLIP."""
+    folder = Path(folder)
+    if not (folder / "_SUCCESS").exists():
+        raise FileNotFoundError(f"teacher cache {folder} is incomplete or missing")
+    meta = json.loads((folder / "meta.json").read_text())
+    if meta.get("task") != task:
+        raise ValueError(f"teacher cache {folder} is for task {meta.get('task')!r}, not {task}")
+    src = meta.get("source")
+    if src:  # caches written before the source was recorded cannot be checked
+        if src.get("version") != version:
+            raise ValueError(f"teacher cache {folder} was built for other data ({src.get('data')}"
+                             f", version {src.get('version')}), not version {version}")
+        if src.get("split") != split:
+            raise ValueError(f"teacher cache {folder} holds split {src.get('split')!r}, "
+                             f"not {split!r}")
+    if teacher is not None and cache_teacher(folder) != teacher:
+        raise ValueError(f"teacher cache {folder} was built by {cache_teacher(folder).describe()}"
+                         f", not {teacher.describe()}")
+
+
+def ensure_cache(teacher: Teacher, data: Path, root: Path, *, split: str = "train",
+                 vqa_vocab: int = 100, progress: bool = True) -> Path:
+    """The cache of ``teacher`` on a prepared dataset's ``split``, built once per
+    (teacher weights, dataset version, split, task) under ``root``, resumed if a previous
+    pass was interrupted."""
+    from cliptd.data.prepare import answer_vocab, load_manifest, read_split
+    from cliptd.data.problems import problems_from_table
+
+    data = Path(data)
+    manifest = load_manifest(data)
+    task = manifest["task"]
+    if split not in manifest["counts"]:
+        raise ValueError(f"{data}: no split {split!r} (has {sorted(manifest['counts'])})")
+    key = cache_key(teacher.fingerprint(), manifest["version"], split, task)
+    if (Path(root) / key / "_SUCCESS").exists():
+        return Path(root) / key
+    table = read_split(data, split)
+    vocab = answer_vocab(read_split(data, "train") if split != "train" else table, vqa_vocab) \
+        if task == "vqa" else None
+    problems = problems_from_table(task, table, Path(manifest["image_root"]), vocab)
+    return build_cache(teacher, task, problems, Path(root), key, vocab=vocab, progress=progress,
+                       source={"data": str(data.resolve()), "version": manifest["version"],
+                               "split": split})

@@ -39,6 +39,68 @@ class TeacherSpec:
     def describe(self) -> str:
         return f"{self.model}:{self.pretrained or 'none'}"
 
+    @classmethod
+    def parse(cls, text: str) -> TeacherSpec:
+        """``MODEL[:PRETRAINED]`` as the commands take it: an open_clip architecture by its
+        name (``ViT-B-32``), and a pretrained tag in open_clip's cache (``openai``) or a
+        local weights file; ``local-dir:<folder>`` names a saved open_clip folder."""
+        if text.startswith("local-dir:"):
+            return cls(model=text)
+        model, _, pretrained = text.partition(":")
+        return cls(model=model, pretrained=pretrained or None)
+
+    def check(self) -> None:
+        """Refuse, before anything loads, an open_clip name that does not exist, a weights
+        file that is not there, or one holding another architecture's weights."""
+        if self.model.startswith("local-dir:"):
+            folder = Path(self.model.removeprefix("local-dir:"))
+            if not (folder / "open_clip_config.json").exists():
+                raise ValueError(f"{folder}: not an open_clip folder (no open_clip_config.json)")
+            return
+        if self.model not in open_clip.list_models():
+            close = [m for m in open_clip.list_models() if m.lower() == self.model.lower()]
+            raise ValueError(f"unknown open_clip model {self.model!r}"
+                             + (f" (names are case-sensitive: {close[0]!r}?)" if close else
+                                "; see open_clip.list_models()"))
+        if not self.pretrained:
+            return
+        path = Path(self.pretrained)
+        if self.pretrained in open_clip.list_pretrained_tags_by_model(self.model):
+            return  # a tag: its weights must be in open_clip's cache (no download here)
+        if not path.exists():
+            tags = open_clip.list_pretrained_tags_by_model(self.model)
+            raise ValueError(f"{self.pretrained}: no such weights file, and not a pretrained "
+                             f"tag of {self.model} ({', '.join(tags) or 'none'})")
+        check_weights(self.model, path)
+
+
+def check_weights(model_name: str, path: Path) -> None:
+    """The weights file holds ``model_name``'s tensors, each of the right shape (open_clip
+    itself would fail on some with a bare AssertionError, or resize others silently)."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in
+                    open_clip.create_model(model_name).state_dict().items()}
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            state = state.get("state_dict", state) if isinstance(state, dict) else state
+            got = {k.removeprefix("module."): tuple(v.shape) for k, v in state.items()}
+    except Exception as exc:  # noqa: BLE001 - anything unreadable is not a weights file
+        raise ValueError(f"{path}: not a readable weights file ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
+    missing = sorted(set(expected) - set(got))
+    wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+    if missing or wrong:
+        detail = (f"{wrong[0]} is {got[wrong[0]]}, {model_name} needs {expected[wrong[0]]}"
+                  if wrong else f"no {missing[0]}")
+        raise ValueError(f"{path}: not {model_name} weights ({len(wrong)} tensor(s) of "
+                         f"another shape, {len(missing)} missing; e.g. {detail})")
+
 
 def clip_mean_std(model) -> tuple[torch.Tensor, torch.Tensor]:
     """The pixel mean / std the model was trained with (1×3×1×1 each)."""

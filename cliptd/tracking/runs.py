@@ -130,10 +130,77 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
         client(uri).search_experiments(max_results=1)
 
 
+# MLflow 3's UI shows an experiment as model training (the runs table), not as a GenAI app
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def get_experiment(uri: str, name: str) -> str:
     c = client(uri)
     exp = c.get_experiment_by_name(name)
-    return exp.experiment_id if exp else c.create_experiment(name)
+    if exp is None:
+        return c.create_experiment(name, tags=EXPERIMENT_KIND)
+    if exp.tags.get("mlflow.experimentKind") is None:  # made by an earlier cliptd
+        for k, v in EXPERIMENT_KIND.items():
+            c.set_experiment_tag(exp.experiment_id, k, v)
+    return exp.experiment_id
+
+
+def source_tags() -> dict[str, str]:
+    """The commit of the cliptd source a run used (when it is a git checkout), as MLflow's
+    own ``mlflow.source.git.commit`` tag: MLflow guesses it from ``sys.argv[0]``, which is
+    wrong inside Ray's workers and under ``python -m``."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=here.parent,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    if not sha:
+        return {}  # an installed package, no checkout: its version is in the params
+    return {"mlflow.source.git.commit": sha, "cliptd.source_dirty": str(bool(dirty)).lower()}
+
+
+def log_dataset(uri: str, run_id: str, cfg: dict) -> None:
+    """The run's training data as an MLflow dataset input: the prepared dataset (its path,
+    task and content-hash version as the digest) with the shot subset and preset used."""
+    from mlflow.data.filesystem_dataset_source import FileSystemDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    # the prepared dataset's manifest (cliptd.data.prepare.MANIFEST), read as plain JSON
+    manifest = json.loads((Path(cfg["data"]) / "manifest.json").read_text())
+    ds = MetaDataset(source=FileSystemDatasetSource(str(Path(cfg["data"]).resolve())),
+                     name=f"{manifest['task']}:{Path(cfg['data']).name}",
+                     digest=str(manifest["version"])[:36])
+    tags = {"mlflow.data.context": "training", "task": manifest["task"],
+            "shots": str(cfg["shots"]), "subset_seed": str(cfg["subset_seed"]),
+            "preset": str(cfg["preset"]), "version": str(manifest["version"])}
+    client(uri).log_inputs(run_id, datasets=[DatasetInput(
+        ds._to_mlflow_entity(), tags=[InputTag(k, v) for k, v in tags.items()])])
+
+
+def log_student(uri: str, run_id: str, folder: Path, name: str, step: int = 0) -> str:
+    """An exported student folder as the run's logged model (MLflow 3's LoggedModel: the
+    transformers folder as its artifacts); returns the model id."""
+    from mlflow.entities import LoggedModelOutput
+
+    c = client(uri)
+    run = c.get_run(run_id)
+    model = c.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id,
+                                  tags={"format": "cliptd-student (transformers folder)"},
+                                  model_type="student")
+    try:
+        c.log_model_artifacts(model.model_id, str(folder))
+    except Exception:
+        c.finalize_logged_model(model.model_id, "FAILED")
+        raise
+    c.finalize_logged_model(model.model_id, "READY")
+    c.log_outputs(run_id, models=[LoggedModelOutput(model.model_id, step=step)])
+    return model.model_id
 
 
 def _find_run(c, experiment_id: str, tag: str, value: str):
@@ -155,24 +222,30 @@ def find_or_create_parent(uri: str, experiment_id: str, sweep_id: str, name: str
     return run.info.run_id
 
 
-def find_or_create_trial_run(uri: str, experiment_id: str, parent_run_id: str, trial_id: str,
-                             name: str, tags: dict, params: dict) -> tuple[str, bool]:
-    """(run_id, created). The parent is set explicitly: Ray does not nest runs."""
+def find_or_create_trial_run(uri: str, experiment_id: str, parent_run_id: str | None,
+                             trial_id: str, name: str, tags: dict, params: dict,
+                             kind: str = "trial", dataset: dict | None = None
+                             ) -> tuple[str, bool]:
+    """(run_id, created): a sweep trial's run (its parent set explicitly: Ray does not nest
+    runs), or with no parent a ``python -m cliptd.train`` run, found again by its id."""
     from mlflow.entities import Param
 
     c = client(uri)
     run = _find_run(c, experiment_id, "cliptd.trial_id", trial_id)
     created = run is None
     if created:
+        parent = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
         run = c.create_run(experiment_id, run_name=name, tags={
-            "mlflow.parentRunId": parent_run_id, "cliptd.trial_id": trial_id,
-            "cliptd.kind": "trial", **{k: str(v) for k, v in tags.items()}})
+            **parent, "cliptd.trial_id": trial_id, "cliptd.kind": kind, **source_tags(),
+            **{k: str(v) for k, v in tags.items()}})
     # a run without params was created by a call that failed before logging them (the
     # server went away): called again (``patiently``), this one logs them
     if created or not run.data.params:
         flat = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
         for i in range(0, len(flat), 100):
             c.log_batch(run.info.run_id, params=flat[i: i + 100])
+        if dataset and dataset.get("data"):  # ``dataset``: the run config that names it
+            log_dataset(uri, run.info.run_id, dataset)
     return run.info.run_id, created
 
 

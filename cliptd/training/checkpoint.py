@@ -65,7 +65,10 @@ def export_student(checkpoint: Path, out_dir: Path, fmt: str, extra) -> dict:
     checkpoint = Path(checkpoint)
     state = load_checkpoint_file(checkpoint / "checkpoint.pt", fmt)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(checkpoint / "tokenizer")
-    student = VLStudent(StudentConfig(**state["student_config"]))
+    cfg = StudentConfig(**state["student_config"])
+    if cfg.encoder_config:  # the weights are in the checkpoint: no need of the source folder
+        cfg.checkpoint = None
+    student = VLStudent(cfg)
     student.load_state_dict({k.removeprefix("student."): v for k, v in state["model"].items()
                              if k.startswith("student.")})
     with atomic_dir(Path(out_dir)) as tmp:

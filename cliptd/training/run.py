@@ -15,9 +15,7 @@ from cliptd.data.metrics import accuracy, vcr_metrics, vqa_accuracy
 from cliptd.data.prepare import answer_vocab, load_manifest, read_split
 from cliptd.data.problems import EVAL_SPLIT, Collator, ImageStore, Problem, problems_from_table
 from cliptd.data.subsets import domain_preset, subset_ids
-from cliptd.model.config import StudentConfig
-from cliptd.model.student import VLStudent, load_student, with_clip_regions
-from cliptd.model.tokenizers import build_word_tokenizer
+from cliptd.model.student import VLStudent, open_student, with_clip_regions
 from cliptd.objective.task import CLIPTDTask
 from cliptd.teacher.cache import load_cache
 
@@ -73,18 +71,14 @@ def build_run(cfg: dict) -> RunParts:
     head, outputs = HEAD[task]
     outputs = len(vocab) if task == "vqa" else outputs
     student_ref = str(cfg["student"])
-    if (Path(student_ref) / "student_config.json").exists():
-        student, tokenizer = load_student(Path(student_ref), task_head=head, num_outputs=outputs)
-    else:  # from scratch: a word vocabulary over this dataset
-        words = {w for p in train + evals for w in p.query + [w for c in p.candidates
-                                                              for w in c[0]]}
-        tokenizer = build_word_tokenizer(words)
-        student = VLStudent(StudentConfig.from_name(
-            student_ref, vocab_size=len(tokenizer), task_head=head, num_outputs=outputs))
+    student, tokenizer = open_student(
+        student_ref, task_head=head, num_outputs=outputs, tokenizer=cfg["tokenizer"],
+        student_config=cfg["student_config"],
+        # from scratch: a word vocabulary over this dataset
+        words=lambda: {w for p in train + evals for w in p.query + [
+            w for c in p.candidates for w in c[0]]})
     distill = DistillConfig.from_dict(cfg["distill"])
     if distill.method == "clip_features":  # CLIP inside the student (cliptd.model.clip_regions)
-        from cliptd.training.run import with_run_clip
-
         student = with_run_clip(student, cfg["teacher_cache"])
     teacher = None
     teacher_dim = 1

@@ -10,9 +10,15 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def ray_local():
+    from types import SimpleNamespace
+
     import ray
 
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.2", include_dashboard=False,
+    from cliptd.cli.common import init_ray
+
+    # the commands' own start-up: beside another Ray instance (another test run, a
+    # cluster test) Train's helpers must still find this one
+    init_ray(SimpleNamespace(address=None), num_cpus=2, include_dashboard=False,
              log_to_driver=False)
     yield
     ray.shutdown()

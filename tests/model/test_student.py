@@ -293,7 +293,15 @@ def test_export_best_drops_projection_heads(tokenizer, tmp_path):
     tokenizer.save_pretrained(ckpt / "tokenizer")
     export_best(_FakeResult(ckpt), tmp_path / "out")
     state = torch.load(tmp_path / "out" / "student.pt", weights_only=True)
-    assert list(state) == list(task.student.state_dict())
+    # the export is a transformers folder: the encoder as config.json + model.safetensors,
+    # what wraps it (region encoder, grounding, task head) in student.pt
+    assert list(state) == [k for k in task.student.state_dict() if not k.startswith("encoder.")]
+    from transformers import AutoModel
+
+    encoder = AutoModel.from_pretrained(tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    for k, v in encoder.state_dict().items():
+        assert torch.equal(v, task.student.encoder.state_dict()[k]), k
     model, _ = load_student(tmp_path / "out")
     assert count_parameters(model) == count_parameters(task.student)
     batch = make_batch(tokenizer)

@@ -34,7 +34,7 @@ def teacher(tiny_world):
 
 @pytest.fixture(scope="module")
 def built(tiny_world, vcr, teacher, tmp_path_factory):
-    """The VCR train cache, built as ``cliptd.embedded.world.ensure_teacher_cache`` builds it."""
+    """The VCR train cache, built as ``cliptd.teacher.cache.ensure_cache`` builds it for the embedded world."""
     key = cache_key(teacher.fingerprint(), vcr["manifest"]["version"], "train", "vcr")
     root = tmp_path_factory.mktemp("teacher_cache")
     folder = build_cache(teacher, "vcr", vcr["problems"], root, key, progress=False)
