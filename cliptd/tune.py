@@ -75,6 +75,36 @@ def write_best(out: Path, condition: str, method: str, base: dict, sample: dict)
     return path
 
 
+def override_conditions(space, shots: str | None, presets: str | None):
+    """The space with ``--shots`` / ``--presets`` in place of its conditions, checked as a
+    space file's are."""
+    from cliptd.core.config import parse_shots
+    from cliptd.data.subsets import DOMAIN_PRESETS
+
+    new = {}
+    if shots:
+        new["shots"] = [s if s.startswith("k") else _as_number(s) for s in shots.split(",")]
+        for s in new["shots"]:
+            try:
+                parse_shots(s)
+            except ValueError as exc:
+                raise SpaceError(f"--shots: {exc}") from None
+    if presets:
+        new["presets"] = presets.split(",")
+        for p in new["presets"]:
+            if p not in DOMAIN_PRESETS:
+                raise SpaceError(f"--presets: unknown preset {p!r}; known: "
+                                 f"{sorted(DOMAIN_PRESETS)}")
+    return dataclasses.replace(space, **new)
+
+
+def _as_number(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text  # parse_shots refuses it, naming it
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cliptd.tune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,6 +115,10 @@ def main(argv=None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     parser.add_argument("--searcher-seed", type=int, default=0)
     parser.add_argument("--methods", help="comma-separated subset of the space's methods")
+    parser.add_argument("--shots", help="comma-separated shot levels instead of the space's "
+                        "(fractions in (0, 1] or k<N>), e.g. 0.01,0.05,1.0")
+    parser.add_argument("--presets", help="comma-separated domain presets instead of the "
+                        "space's (none, vcr-qtype, vqa-cp, synthetic)")
     parser.add_argument("--num-samples", type=positive_int, metavar="N",
                         help="trials per search (overrides the budget's num_samples)")
     parser.add_argument("--out", type=Path, help="local output folder (default runs/<name>)")
@@ -95,6 +129,8 @@ def main(argv=None) -> int:
         space = load_space(args.space or args.task)
         if space.task != args.task:
             raise SpaceError(f"{space.path}: task: {space.task!r} but --task {args.task}")
+        if args.shots or args.presets:  # conditions of one's own data, checked as the space's
+            space = override_conditions(space, args.shots, args.presets)
         budget = space.budgets[args.budget]
         if args.num_samples is not None:  # recorded with the budget in the sweep's sweep.json
             budget = dataclasses.replace(budget, num_samples=args.num_samples)

@@ -153,7 +153,16 @@ def build_encoder(cfg: StudentConfig) -> nn.Module:
         raise ValueError(f"unknown student arch {cfg.arch!r} ({', '.join(ENCODER_CLASSES)})")
     model_cls, config_cls = ENCODER_CLASSES[cfg.arch]
     if cfg.checkpoint:
-        encoder, info = model_cls.from_pretrained(cfg.checkpoint, output_loading_info=True)
+        from transformers.utils import logging as hf_logging
+
+        # the checkpoint's pre-training / task heads (cls.*, obj_predict_head.*) are left
+        # out on purpose: transformers' table of them is noise; missing weights are not
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            encoder, info = model_cls.from_pretrained(cfg.checkpoint, output_loading_info=True)
+        finally:
+            hf_logging.set_verbosity(level)
         if info["missing_keys"] or info.get("mismatched_keys"):
             raise ValueError(f"{cfg.checkpoint}: weights do not fit its config.json "
                              f"(missing {sorted(info['missing_keys'])[:5]}, mismatched "

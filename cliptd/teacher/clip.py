@@ -77,19 +77,25 @@ class TeacherSpec:
 def check_weights(model_name: str, path: Path) -> None:
     """The weights file holds ``model_name``'s tensors, each of the right shape (open_clip
     itself would fail on some with a bare AssertionError, or resize others silently)."""
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in
-                    open_clip.create_model(model_name).state_dict().items()}
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
+    import copy
 
-            with safe_open(str(path), "pt") as f:
-                got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            state = state.get("state_dict", state) if isinstance(state, dict) else state
-            got = {k.removeprefix("module."): tuple(v.shape) for k, v in state.items()}
+    from open_clip.coca_model import CoCa
+    from open_clip.factory import load_state_dict
+    from open_clip.model import CLIP, CustomTextCLIP
+
+    # the architecture's tensors, built on the meta device: shapes only, no memory, no time
+    cfg = copy.deepcopy(open_clip.get_model_config(model_name))
+    text, vision = cfg.get("text_cfg", {}), cfg.get("vision_cfg", {})
+    if text.get("hf_model_name"):
+        text["hf_model_pretrained"] = False
+    if vision.get("timm_model_name"):
+        vision["timm_model_pretrained"] = False
+    custom = cfg.pop("custom_text", False) or bool(text.get("hf_model_name"))
+    cls = (CoCa if "multimodal_cfg" in cfg else CustomTextCLIP) if custom else CLIP
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in cls(**cfg).state_dict().items()}
+    try:
+        got = {k: tuple(v.shape) for k, v in load_state_dict(str(path)).items()}
     except Exception as exc:  # noqa: BLE001 - anything unreadable is not a weights file
         raise ValueError(f"{path}: not a readable weights file ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from None

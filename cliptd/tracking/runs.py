@@ -167,13 +167,18 @@ def source_tags() -> dict[str, str]:
 def log_dataset(uri: str, run_id: str, cfg: dict) -> None:
     """The run's training data as an MLflow dataset input: the prepared dataset (its path,
     task and content-hash version as the digest) with the shot subset and preset used."""
-    from mlflow.data.filesystem_dataset_source import FileSystemDatasetSource
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
 
     # the prepared dataset's manifest (cliptd.data.prepare.MANIFEST), read as plain JSON
     manifest = json.loads((Path(cfg["data"]) / "manifest.json").read_text())
-    ds = MetaDataset(source=FileSystemDatasetSource(str(Path(cfg["data"]).resolve())),
+    with warnings.catch_warnings():  # MLflow warns that it guessed a local path: it is one
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(str(Path(cfg["data"]).resolve()))
+    ds = MetaDataset(source=source,
                      name=f"{manifest['task']}:{Path(cfg['data']).name}",
                      digest=str(manifest["version"])[:36])
     tags = {"mlflow.data.context": "training", "task": manifest["task"],
@@ -244,8 +249,10 @@ def find_or_create_trial_run(uri: str, experiment_id: str, parent_run_id: str | 
         flat = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
         for i in range(0, len(flat), 100):
             c.log_batch(run.info.run_id, params=flat[i: i + 100])
-        if dataset and dataset.get("data"):  # ``dataset``: the run config that names it
-            log_dataset(uri, run.info.run_id, dataset)
+    # ``dataset``: the run config that names it (logged once, also by a retried call)
+    if dataset and dataset.get("data") and (created or not (
+            run.inputs and run.inputs.dataset_inputs)):
+        log_dataset(uri, run.info.run_id, dataset)
     return run.info.run_id, created
 
 
