@@ -11,15 +11,20 @@ CLIP once per problem of the split (region crops, texts, zero-shot confidences) 
 resumable Parquet shards: an interrupted pass resumes where it stopped, and the cache
 folder appears only when complete. Every trial of a sweep then reads it
 (``python -m cliptd.tune --data ... --teacher-cache <printed folder>``).
+
+On a Ray cluster (``--address`` or ``$RAY_ADDRESS``, e.g. under ``ray job submit``) the
+shards are computed by one teacher actor per GPU and written by this process to ``--out``,
+which should be the cluster's shared storage.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from cliptd.cli.common import build_teacher_cache, die, teacher_cache_root
+from cliptd.cli.common import build_teacher_cache, die, init_ray, teacher_cache_root
 from cliptd.core.errors import DataError
 from cliptd.data.prepare import load_manifest
 from cliptd.teacher.clip import TeacherSpec
@@ -36,6 +41,11 @@ def main(argv=None) -> int:
                         help="cache root (default $CLIPTD_CACHE/teacher_cache); on a cluster, "
                              "shared storage")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if there)")
+    parser.add_argument("--address", default=None, help="a Ray cluster (default $RAY_ADDRESS; "
+                        "none: this process computes every shard)")
+    parser.add_argument("--actors", type=int, default=None, help="teacher copies computing "
+                        "shards on the cluster (default: one per GPU it has)")
+    parser.add_argument("--gpus-per-actor", type=float, default=1)
     args = parser.parse_args(argv)
     try:
         manifest = load_manifest(args.data)
@@ -49,8 +59,25 @@ def main(argv=None) -> int:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pool = None
+    if args.address or os.environ.get("RAY_ADDRESS") or args.actors:
+        import ray
+
+        from cliptd.teacher.cache import ray_pool
+
+        init_ray(args)
+        gpus = ray.cluster_resources().get("GPU", 0)
+        actors = args.actors or int(gpus // max(args.gpus_per_actor, 1e-9))
+        per_actor = args.gpus_per_actor if gpus else 0
+        if actors < 1:
+            die(f"the cluster has {gpus:g} GPUs: pass --actors N (--gpus-per-actor 0 for CPU "
+                "actors)")
+        print(f"[cliptd] teacher pass on {actors} Ray actor(s), {per_actor:g} GPU each")
+        pool = lambda task: ray_pool(spec, task, actors, gpus_per_actor=per_actor)  # noqa: E731
+        # this process only fingerprints the weights and writes the shards
+        device = "cpu"
     folder = build_teacher_cache(spec, args.data, args.out or teacher_cache_root(None),
-                                 split=args.split, device=device)
+                                 split=args.split, device=device, pool=pool)
     print(f"teacher cache: {folder}")
     print(f"use it: python -m cliptd.tune --task {manifest['task']} --data {args.data} "
           f"--student <folder> --teacher-cache {folder}")

@@ -229,7 +229,7 @@ def teacher_cache_root(cache: Path | None) -> Path:
 
 
 def build_teacher_cache(spec, data: Path, root: Path, split: str = "train",
-                        device: str = "cpu", log=print) -> Path:
+                        device: str = "cpu", log=print, pool=None) -> Path:
     """Build (or reuse) ``spec``'s cache of a prepared dataset's split under ``root``, and
     say what it cost."""
     import time
@@ -240,7 +240,7 @@ def build_teacher_cache(spec, data: Path, root: Path, split: str = "train",
     start = time.time()
     teacher = Teacher.load(spec, device=device)
     loaded = time.time()
-    folder = ensure_cache(teacher, data, root, split=split)
+    folder = ensure_cache(teacher, data, root, split=split, pool=pool)
     meta = json.loads((folder / "meta.json").read_text())
     seconds = time.time() - loaded
     if (folder / "_SUCCESS").stat().st_mtime < loaded:

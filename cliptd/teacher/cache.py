@@ -121,6 +121,44 @@ def compute_targets(teacher: Teacher, task: str, problems: list[Problem],
     return rows
 
 
+def shard_records(teacher: Teacher, task: str, shard: list[Problem], choices, vocab
+                  ) -> list[dict]:
+    """One shard's cache rows (what a Parquet shard holds)."""
+    return [_to_record(r) for r in compute_targets(teacher, task, shard, choices, vocab)]
+
+
+def ray_pool(spec: TeacherSpec, task: str, actors: int, *, gpus_per_actor: float = 1,
+             cpus_per_actor: float = 1):
+    """A ``build_cache`` pool on a Ray cluster: ``actors`` copies of the teacher (one per
+    GPU), each computing whole shards; the driver writes them as they come back (to the
+    cache root, shared storage on a cluster). The weights file a ``spec`` names must be at
+    the same path on the actors' nodes."""
+    import ray
+    from ray.util import ActorPool
+
+    device = "cuda" if gpus_per_actor > 0 else "cpu"
+
+    @ray.remote
+    class TeacherActor:
+        def __init__(self):
+            self.teacher = Teacher.load(spec, device=device)
+
+        def shard(self, n: int, problems: list[Problem], choices, vocab):
+            return n, shard_records(self.teacher, task, problems, choices, vocab)
+
+    def run(todo, choices, vocab):
+        workers = [TeacherActor.options(num_gpus=gpus_per_actor, num_cpus=cpus_per_actor)
+                   .remote() for _ in range(max(1, min(actors, len(todo))))]
+        try:
+            yield from ActorPool(workers).map_unordered(
+                lambda actor, item: actor.shard.remote(*item, choices, vocab), todo)
+        finally:
+            for w in workers:
+                ray.kill(w)
+
+    return run
+
+
 def _to_record(row: dict) -> dict:
     def f16(t):
         return t.detach().cpu().numpy().astype(np.float16).tobytes()
@@ -133,10 +171,12 @@ def _to_record(row: dict) -> dict:
 
 def build_cache(teacher: Teacher, task: str, problems: list[Problem], root: Path, key: str, *,
                 vocab: list[str] | None = None, progress: bool = True,
-                source: dict | None = None) -> Path:
+                source: dict | None = None, pool=None) -> Path:
     """Compute (or resume computing) the cache for ``problems``; returns its folder.
     ``source``: what the problems are (``data``, ``version``, ``split``), recorded so that a
-    run on other data or another split can refuse the cache (``check_cache``)."""
+    run on other data or another split can refuse the cache (``check_cache``). ``pool``:
+    computes shards elsewhere (``ray_pool``: one actor per GPU of a cluster); each finished
+    shard is written here as it arrives, so an interrupted pass resumes either way."""
     final = Path(root) / key
     if (final / "_SUCCESS").exists():
         return final
@@ -150,15 +190,18 @@ def build_cache(teacher: Teacher, task: str, problems: list[Problem], root: Path
     else:
         shards = [labelled[i: i + SHARD] for i in range(0, len(labelled), SHARD)]
     bar = tqdm(total=len(labelled), desc=f"teacher cache {task}", disable=not progress)
+    todo = []
     for n, shard in enumerate(shards):
-        path = partial / f"part-{n:05d}.parquet"
-        if path.exists():  # finished by an earlier, interrupted run
+        if (partial / f"part-{n:05d}.parquet").exists():  # done by an interrupted pass
             bar.update(len(shard))
-            continue
-        rows = [_to_record(r) for r in compute_targets(teacher, task, shard, choices, vocab)]
-        with atomic_file(path) as tmp:  # a shard exists only once fully written
+        else:
+            todo.append((n, shard))
+    done = pool(todo, choices, vocab) if pool else (
+        (n, shard_records(teacher, task, shard, choices, vocab)) for n, shard in todo)
+    for n, rows in done:
+        with atomic_file(partial / f"part-{n:05d}.parquet") as tmp:  # whole or not at all
             pq.write_table(pa.Table.from_pylist(rows, schema=CACHE_SCHEMA), tmp)
-        bar.update(len(shard))
+        bar.update(len(rows))
     bar.close()
     (partial / "meta.json").write_text(json.dumps({
         "task": task, "teacher": teacher.spec.describe(),
@@ -246,7 +289,7 @@ def check_cache(folder: Path, *, task: str, version: str, split: str = "train",
 
 
 def ensure_cache(teacher: Teacher, data: Path, root: Path, *, split: str = "train",
-                 vqa_vocab: int = 100, progress: bool = True) -> Path:
+                 vqa_vocab: int = 100, progress: bool = True, pool=None) -> Path:
     """The cache of ``teacher`` on a prepared dataset's ``split``, built once per
     (teacher weights, dataset version, split, task) under ``root``, resumed if a previous
     pass was interrupted."""
@@ -266,5 +309,5 @@ def ensure_cache(teacher: Teacher, data: Path, root: Path, *, split: str = "trai
         if task == "vqa" else None
     problems = problems_from_table(task, table, Path(manifest["image_root"]), vocab)
     return build_cache(teacher, task, problems, Path(root), key, vocab=vocab, progress=progress,
-                       source={"data": str(data.resolve()), "version": manifest["version"],
+                       pool=pool(task) if pool else None, source={"data": str(data.resolve()), "version": manifest["version"],
                                "split": split})
