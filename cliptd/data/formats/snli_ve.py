@@ -53,11 +53,16 @@ def read(src: Path, split: str, opts: ReadOptions) -> Iterator[dict[str, Any]]:
     path = _annotations(src, split)
     root = image_root(src)
     regions = opts.regions or RegionSource()
+    seen: set[str] = set()
     for line, rec in read_jsonl(path):
         image = require(rec, IMAGE_KEY, path, line, str)
         hypothesis = require(rec, "sentence2", path, line, str)
         gold = require(rec, "gold_label", path, line, str)
         pair_id = require(rec, "pairID", path, line, str)
+        if pair_id in seen:  # one id per premise-hypothesis pair in the official files
+            raise DataError(f"pairID {pair_id!r} appears twice in the split", file=path,
+                            line=line, field="pairID")
+        seen.add(pair_id)
         if gold not in SNLI_VE_LABELS:
             raise DataError(
                 f"label {gold!r} out of range; expected one of {', '.join(SNLI_VE_LABELS)}",

@@ -61,6 +61,8 @@ QTYPES = tuple(name for name, _ in QTYPE_RULES) + ("other",)
 # Fields that become columns; everything else on the line is kept in ``meta``.
 _COLUMN_FIELDS = ("question", "answer_choices", "answer_label", "rationale_choices", "rationale_label")
 
+CHOICES = 4  # answers and rationales per question, in every official split
+
 
 def question_type(tokens: list[Any]) -> str:
     """The qtype of a VCR question token list, by the ordered rule QTYPE_RULES."""
@@ -131,9 +133,9 @@ class _MetadataCache:
 
     def __init__(self, root: Path, size: int = 256) -> None:
         self.root, self.size = root, size
-        self.items: OrderedDict[str, tuple[float, float, list[list[float]]]] = OrderedDict()
+        self.items: OrderedDict[str, tuple] = OrderedDict()
 
-    def get(self, metadata_fn: str, file: Path, line: int) -> tuple[float, float, list[list[float]]]:
+    def get(self, metadata_fn: str, file: Path, line: int) -> tuple:
         if metadata_fn in self.items:
             self.items.move_to_end(metadata_fn)
             return self.items[metadata_fn]
@@ -145,10 +147,11 @@ class _MetadataCache:
         width = require(meta, "width", path, None, (int, float))
         height = require(meta, "height", path, None, (int, float))
         boxes = [check_box(b, width, height, path, None, f"boxes[{i}]") for i, b in enumerate(raw)]
-        self.items[metadata_fn] = width, height, boxes
+        names = meta.get("names")  # the class name of each box, as `objects` lists them
+        self.items[metadata_fn] = width, height, boxes, names
         if len(self.items) > self.size:
             self.items.popitem(last=False)
-        return width, height, boxes
+        return width, height, boxes, names
 
 
 def read(src: Path, split: str, opts: ReadOptions) -> Iterator[dict[str, Any]]:
@@ -159,6 +162,7 @@ def read(src: Path, split: str, opts: ReadOptions) -> Iterator[dict[str, Any]]:
     root = image_root(src)
     metadata = _MetadataCache(root)
     seen_images: set[str] = set()  # bounded by the number of images, not of questions
+    seen_ids: set[str] = set()
     labelled = split != "test"  # the test split ships without labels
     for line, rec in read_jsonl(path):
         objects = require(rec, "objects", path, line, list)
@@ -168,12 +172,28 @@ def read(src: Path, split: str, opts: ReadOptions) -> Iterator[dict[str, Any]]:
         question = require(rec, "question", path, line, list)
         answers = require(rec, "answer_choices", path, line, list)
         rationales = require(rec, "rationale_choices", path, line, list)
+        # what the official files guarantee and the metrics rely on
+        for name, choices in (("answer_choices", answers), ("rationale_choices", rationales)):
+            if len(choices) != CHOICES:
+                raise DataError(f"VCR has {CHOICES} choices per question, got {len(choices)}",
+                                file=path, line=line, field=name)
+        for i, obj in enumerate(objects):
+            if not isinstance(obj, str):
+                raise DataError(f"expected a class name, got {type(obj).__name__}",
+                                file=path, line=line, field=f"objects[{i}]")
+        if annot_id in seen_ids:
+            raise DataError(f"annot_id {annot_id!r} appears twice in the split", file=path,
+                            line=line, field="annot_id")
+        seen_ids.add(annot_id)
 
         if img_fn not in seen_images:
             if not (root / img_fn).is_file():
                 raise DataError(f"missing image {root / img_fn}", file=path, line=line, field="img_fn")
             seen_images.add(img_fn)
-        width, height, obj_boxes = metadata.get(metadata_fn, path, line)
+        width, height, obj_boxes, names = metadata.get(metadata_fn, path, line)
+        if names is not None and list(names[: len(objects)]) != list(objects):
+            raise DataError(f"objects {objects} differ from the class names of {metadata_fn} "
+                            f"({names[: len(objects)]})", file=path, line=line, field="objects")
         if len(obj_boxes) < len(objects):
             raise DataError(
                 f"metadata {metadata_fn} has {len(obj_boxes)} boxes for {len(objects)} objects",

@@ -29,6 +29,8 @@ from cliptd.data.formats.common import (
 VARIANTS = (None, "vqacp")
 _SPLITS = {None: ("train", "val"), "vqacp": ("train", "test")}
 
+ANNOTATORS = 10
+
 
 def _files(src: Path, split: str, variant: str | None) -> tuple[Path, Path]:
     if variant == "vqacp":
@@ -99,8 +101,9 @@ def read(src: Path, split: str, opts: ReadOptions) -> Iterator[dict[str, Any]]:
         require(ann, "answer_type", a_path, line, str)
         require(ann, "multiple_choice_answer", a_path, line, str)
         raw = require(ann, "answers", a_path, line, list)
-        if not raw:
-            raise DataError("no answers", file=a_path, line=line, field="answers")
+        if len(raw) != ANNOTATORS:  # the accuracy is a mean over 10 annotators
+            raise DataError(f"VQA has {ANNOTATORS} answers per question (one per annotator), "
+                            f"got {len(raw)}", file=a_path, line=line, field="answers")
         answers = [require(a, "answer", a_path, line, str) for a in raw]
 
         while qid not in pending:
