@@ -24,7 +24,7 @@ import torch
 from cliptd.cli.common import add_common_args, setup_embedded
 from cliptd.core.atomic import atomic_write
 from cliptd.core.config import resolve_config
-from cliptd.tracking.table import comparison_rows, to_markdown
+from cliptd.tracking.table import comparison_rows, paired_rows, to_markdown
 from cliptd.training.loop import train_loop
 from cliptd.training.run import build_run
 from cliptd.training.runtime import LocalRuntime
@@ -249,7 +249,10 @@ def main(argv=None) -> int:
             metrics[f"shifted q_a [{q}]"] = f"val/shift/qtype/{q}/q_a"
         rows = comparison_rows(records, metrics)
         print(to_markdown(rows))
-        res = {"records": records, "rows": rows, "student": str(world.student),
+        paired = paired_rows(records, metrics)
+        print("Paired by seed: method − none, points (mean ± std, seeds ahead / pairs)")
+        print(to_markdown(paired))
+        res = {"records": records, "rows": rows, "paired": paired, "student": str(world.student),
                "student_pretrain": json.loads((world.student / "student_config.json")
                                               .read_text()).get("pretrain"),
                "extra_config": extra}

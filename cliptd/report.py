@@ -28,7 +28,14 @@ from pathlib import Path
 # cliptd.core.config is light: the report needs neither torch nor Ray, only MLflow and plots
 from cliptd.core.atomic import atomic_write
 from cliptd.core.config import PRIMARY_METRIC, TASKS
-from cliptd.tracking.table import METHOD_ORDER, comparison_rows, to_csv, to_markdown
+from cliptd.tracking.table import (
+    METHOD_ORDER,
+    comparison_rows,
+    paired_rows,
+    qtype_metrics,
+    to_csv,
+    to_markdown,
+)
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -36,7 +43,8 @@ TASK_METRICS = {"vcr": (("Q→A", "q_a"), ("QA→R", "qa_r"), ("Q→AR", "q_ar")
                 "snli_ve": (("acc", "acc"),),
                 "vqa": (("VQA acc", "vqa_acc"),)}
 GROUPS = (("in-domain", "id"), ("shifted", "shift"))
-FILES = {"md": "comparison.md", "csv": "comparison.csv", "shots": "accuracy_vs_shots.png",
+FILES = {"md": "comparison.md", "csv": "comparison.csv", "paired_md": "paired.md",
+         "paired_csv": "paired.csv", "shots": "accuracy_vs_shots.png",
          "gain": "gain_shifted.png", "search": "search.png", "cost": "accuracy_vs_cost.png"}
 
 
@@ -377,9 +385,13 @@ def build(uri: str, task: str, experiment: str | None, sweep: str | None, out: P
     got = load_runs(uri, task, experiment, sweep)
     out.mkdir(parents=True, exist_ok=True)
     rows = comparison_rows(got["seeds"], metric_rows(task))
+    paired = paired_rows(got["seeds"], {**metric_rows(task), **qtype_metrics(
+        got["seeds"], PRIMARY_METRIC[task])})
     md = to_markdown(rows)
     paths = {"md": atomic_write(out / FILES["md"], md),
              "csv": atomic_write(out / FILES["csv"], to_csv(rows)),
+             "paired_md": atomic_write(out / FILES["paired_md"], to_markdown(paired)),
+             "paired_csv": atomic_write(out / FILES["paired_csv"], to_csv(paired)),
              "shots": plot_accuracy_vs_shots(got["seeds"], task, out / FILES["shots"]),
              "gain": plot_gain_shifted(got["seeds"], task, out / FILES["gain"]),
              "search": plot_search(got["search"], task, out / FILES["search"]),
@@ -388,7 +400,8 @@ def build(uri: str, task: str, experiment: str | None, sweep: str | None, out: P
     if log_artifacts:
         for p in paths.values():
             got["client"].log_artifact(parent_id, str(p), artifact_path="report")
-    return {**got, "rows": rows, "markdown": md, "paths": paths, "parent_id": parent_id}
+    return {**got, "rows": rows, "markdown": md, "paired": paired,
+            "paired_markdown": to_markdown(paired), "paths": paths, "parent_id": parent_id}
 
 
 def main(argv=None) -> int:
@@ -441,6 +454,8 @@ def main(argv=None) -> int:
               f"{', '.join(sorted({r['status'] for r in res['skipped']}))})")
     print("\n== Comparison (mean ± std over seeds, %) ==")
     print(res["markdown"])
+    print("Paired by seed: method − none, points (mean ± std, seeds ahead / pairs)")
+    print(res["paired_markdown"])
     for p in res["paths"].values():
         print(f"wrote {p}")
     if not args.no_log:

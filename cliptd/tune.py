@@ -48,7 +48,13 @@ from cliptd.core.errors import DataError, SweepError
 from cliptd.sweep.driver import condition_name
 from cliptd.sweep.plan import plan_resources, run_jobs
 from cliptd.sweep.space import SpaceError, apply_sample, describe, load_space
-from cliptd.tracking.table import comparison_rows, to_csv, to_markdown
+from cliptd.tracking.table import (
+    comparison_rows,
+    paired_rows,
+    qtype_metrics,
+    to_csv,
+    to_markdown,
+)
 
 
 def sweep_name(args) -> str:
@@ -244,12 +250,16 @@ def main(argv=None) -> int:
     if args.task == "vcr":
         metric_rows |= {"in-domain qa_r": "val/id/qa_r", "in-domain q_ar": "val/id/q_ar"}
     rows = comparison_rows(records, metric_rows)
-    md, csv_text = to_markdown(rows), to_csv(rows)
-    (out / "comparison.md").write_text(md)
-    (out / "comparison.csv").write_text(csv_text)
+    paired = paired_rows(records, {**metric_rows, **qtype_metrics(records, primary)})
+    md, paired_md = to_markdown(rows), to_markdown(paired)
+    files = [atomic_write(out / "comparison.md", md),
+             atomic_write(out / "comparison.csv", to_csv(rows)),
+             atomic_write(out / "paired.md", paired_md),
+             atomic_write(out / "paired.csv", to_csv(paired))]
+
     def close_parent() -> None:
-        c.log_artifact(parent, str(out / "comparison.md"))
-        c.log_artifact(parent, str(out / "comparison.csv"))
+        for f in files:
+            c.log_artifact(parent, str(f))
         c.set_terminated(parent, status="FINISHED")
 
     tracking.patiently(close_parent, "closing the sweep's parent run")
@@ -260,6 +270,8 @@ def main(argv=None) -> int:
         print(f"{'':<32}replay: python -m cliptd.train --task {args.task} --config {s['best']}")
     print(f"\n== Comparison over {budget.seeds} seed(s) (mean ± std, %) ==")
     print(md)
+    print("== Paired by seed: method − none, points (mean ± std, seeds ahead / pairs) ==")
+    print(paired_md)
     print(f"MLflow: {tracking.ui_command(uri)}   (experiment cliptd-{args.task}, "
           f"parent run {parent})")
     print(f"Optuna: optuna-dashboard {study_url} --host 127.0.0.1")

@@ -1,6 +1,9 @@
 """The paper-style comparison: data conditions × methods, mean ± std over seeds, and the
 relative gain of each method over ``none``; then, per condition, what each method's model
-costs at inference. Shared by ``cliptd.tune`` and ``cliptd.report``.
+costs at inference; and the comparison paired by seed (``paired_rows``): a seed fixes both
+the low-shot subset and the initialisation, so the difference of two methods within a seed
+shows effects that the spread across seeds hides. Shared by ``cliptd.tune``,
+``cliptd.report`` and ``cliptd.bench``.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import numpy as np
 METHOD_ORDER = ("none", "naive", "cliptd", "clip_features")
 COST_LABEL = "inference cost vs none (params, forward time / instance)"
 # numeric companions of a row's method cells (CSV columns, not Markdown ones)
-NUMERIC_SUFFIXES = ("_mean", "_std", "_n", "_params", "_params_vs_none", "_forward_ms",
+NUMERIC_SUFFIXES = ("_mean", "_std", "_n", "_ahead", "_params", "_params_vs_none", "_forward_ms",
                     "_forward_vs_none")
 
 
@@ -62,6 +65,54 @@ def comparison_rows(records: list[dict], metrics: dict[str, str]) -> list[dict]:
     return rows + cost_rows(records)
 
 
+def qtype_metrics(records: list[dict], primary: str) -> dict[str, str]:
+    """Row labels → metric keys for every question type the records were scored on
+    (``val/<group>/qtype/<type>/<primary>``), in-domain then shifted."""
+    out = {}
+    for group, label in (("id", "in-domain"), ("shift", "shifted")):
+        types = sorted({k.split("/")[3] for r in records for k in r["metrics"]
+                        if k.startswith(f"val/{group}/qtype/") and k.endswith(f"/{primary}")})
+        out |= {f"{label} {primary} [{t}]": f"val/{group}/qtype/{t}/{primary}" for t in types}
+    return out
+
+
+def paired_rows(records: list[dict], metrics: dict[str, str], reference: str = "none"
+                ) -> list[dict]:
+    """Each method against ``reference`` within the same seed: per (condition, metric,
+    method), the mean paired difference in points, its standard deviation, and the sign
+    count (seeds where the method is ahead / pairs), e.g. ``+4.1 ± 1.2 (5/5)``."""
+    by: dict[tuple, dict[str, float]] = defaultdict(dict)
+    for r in records:
+        for key in metrics.values():
+            v = r["metrics"].get(key)
+            if v is not None and not (isinstance(v, float) and math.isnan(v)):
+                by[(r["condition"], r["method"], key)][str(r.get("seed", ""))] = float(v)
+    methods = [m for m in _order({r["method"] for r in records}) if m != reference]
+    conditions = list(dict.fromkeys(r["condition"] for r in records))
+    rows = []
+    for label, key in metrics.items():
+        for cond in conditions:
+            ref = by.get((cond, reference, key))
+            if not ref:
+                continue
+            row = {"condition": cond, "metric": label, "reference": reference}
+            for m in methods:
+                mine = by.get((cond, m, key), {})
+                seeds = sorted(set(mine) & set(ref))
+                if not seeds:
+                    row[m] = ""
+                    continue
+                d = 100 * np.array([mine[s] - ref[s] for s in seeds])
+                std = float(np.std(d, ddof=1)) if len(d) > 1 else 0.0
+                ahead = int((d > 0).sum())
+                row[m] = f"{d.mean():+.1f} ± {std:.1f} ({ahead}/{len(d)})"
+                row[f"{m}_mean"], row[f"{m}_std"], row[f"{m}_n"] = float(d.mean()), std, len(d)
+                row[f"{m}_ahead"] = ahead
+            if any(row.get(m) for m in methods):
+                rows.append(row)
+    return rows
+
+
 def cost_rows(records: list[dict]) -> list[dict]:
     """One row per condition whose runs logged their inference cost (``model/*``, from
     ``cliptd.inference_cost.run_cost``): each method's parameters and forward time per
@@ -97,7 +148,8 @@ def cost_rows(records: list[dict]) -> list[dict]:
 def to_markdown(rows: list[dict]) -> str:
     if not rows:
         return "(no finished runs)\n"
-    methods = [k for k in rows[0] if k not in ("condition", "metric") and not k.endswith(
+    methods = [k for k in rows[0] if k not in ("condition", "metric", "reference")
+               and not k.endswith(
         NUMERIC_SUFFIXES) and " vs " not in k]
     gains = sorted({k for r in rows for k in r if k.endswith(" vs none")},
                    key=lambda k: (METHOD_ORDER.index(m) if (m := k.split(" vs ")[0])
