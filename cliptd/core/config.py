@@ -22,6 +22,10 @@ CHOICES = {
     "distance": ("cosine", "l2", "l1", "smooth_l1"),
     "text_target": ("pooled", "tokens"),
     "modalities": ("both", "visual", "text"),
+    # what the visual term distils into: the encoder's final-layer region states (per
+    # candidate row), the region features every row of an image shares (the region
+    # encoder's output, before any cross-modal layer), or both
+    "visual_layer": ("final", "features", "both"),
 }
 
 
@@ -41,6 +45,7 @@ class DistillConfig:
     distance: str = "cosine"
     text_target: str = "pooled"
     modalities: str = "both"
+    visual_layer: str = "final"
 
     def __post_init__(self):
         for name, allowed in CHOICES.items():

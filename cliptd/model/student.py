@@ -45,6 +45,7 @@ class StudentOutput:
     region_states: torch.Tensor  # N × R × H
     pooled: torch.Tensor  # N × H
     logits: torch.Tensor = field(default=None)  # task head output
+    region_features: torch.Tensor = field(default=None)  # images × R × region_dim
 
 
 class VLStudent(nn.Module):
@@ -132,6 +133,7 @@ class VLStudent(nn.Module):
                           batch["boxes"] / batch["images"].shape[-1],
                           batch.get("token_type_ids"))
         out.logits = self.head(out.pooled)
+        out.region_features = feats
         return out
 
     def scores(self, out: StudentOutput, num_candidates: int) -> torch.Tensor:

@@ -81,18 +81,22 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class Distiller(nn.Module):
     """Projection heads + the distillation term. Training-only: dropped at export."""
 
-    def __init__(self, hidden: int, teacher_dim: int, cfg: DistillConfig):
+    def __init__(self, hidden: int, teacher_dim: int, cfg: DistillConfig,
+                 region_dim: int | None = None):
         super().__init__()
         self.cfg = cfg
         self.proj_v = nn.Linear(hidden, teacher_dim)
         self.proj_t = nn.Linear(hidden, teacher_dim)
+        if cfg.visual_layer != "final":  # a head for the region encoder's own features
+            self.proj_f = nn.Linear(region_dim or hidden, teacher_dim)
 
     def forward(self, region_states: torch.Tensor, text_states: torch.Tensor, targets: dict,
-                progress: float, generator: torch.Generator | None = None) -> tuple[
-                    torch.Tensor, dict]:
+                progress: float, generator: torch.Generator | None = None,
+                region_features: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """``targets`` (for the gold row of each instance): region_emb N×R×D, region_mask,
         rel_v N×R, token_target N×L×D (per-token or pooled, already aligned), token_mask,
-        rel_t N×L, gold_prob N, correct N."""
+        rel_t N×L, gold_prob N, correct N. ``region_features``: the region encoder's
+        output for each instance's image (N×R×F), for ``visual_layer`` features / both."""
         cfg = self.cfg
         lam = lambda_at(cfg, progress)
         zero = region_states.sum() * 0.0
@@ -103,7 +107,12 @@ class Distiller(nn.Module):
         if cfg.modalities in ("both", "visual"):
             sel_v = select_tokens(targets["rel_v"], targets["region_mask"], cfg.select_ratio_v,
                                   cfg.select_by, generator)
-            d_v = distance(self.proj_v(region_states), targets["region_emb"], cfg.distance)
+            d_v = 0.0
+            if cfg.visual_layer in ("final", "both"):
+                d_v = distance(self.proj_v(region_states), targets["region_emb"], cfg.distance)
+            if cfg.visual_layer in ("features", "both"):
+                d_v = d_v + distance(self.proj_f(region_features), targets["region_emb"],
+                                     cfg.distance)
             per_instance = per_instance + _masked_mean(d_v, sel_v)
             logs["distill/visual"] = float(_masked_mean(d_v, sel_v).mean().detach())
             logs["distill/frac_regions"] = float(sel_v.sum() / targets["region_mask"].sum()

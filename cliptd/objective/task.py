@@ -29,7 +29,8 @@ class CLIPTDTask(nn.Module):
         distill = distill.resolved()  # method presets (none: λ=0; naive: all, uniform)
         self.student = student
         self.distill_cfg = distill
-        self.distiller = Distiller(student.cfg.hidden_size, teacher_dim, distill)
+        self.distiller = Distiller(student.cfg.hidden_size, teacher_dim, distill,
+                                   region_dim=student.cfg.region_dim)
         self.generator = torch.Generator().manual_seed(0)  # for select_by=random
 
     def forward(self, batch: dict, progress: float) -> tuple[torch.Tensor, dict]:
@@ -42,8 +43,9 @@ class CLIPTDTask(nn.Module):
             t = dict(batch["teacher"])
             t["token_target"] = t["token_words"] if self.distill_cfg.text_target == "tokens" \
                 else t["pooled"][:, None, :].expand_as(t["token_words"])
-            d_loss, d_logs = self.distiller(out.region_states[gold], out.text_states[gold], t,
-                                            progress, self.generator)
+            d_loss, d_logs = self.distiller(
+                out.region_states[gold], out.text_states[gold], t, progress, self.generator,
+                region_features=out.region_features[batch["image_index"][gold]])
             loss = loss + d_loss
             logs.update(d_logs)
             logs["loss/distill"] = float(d_loss.detach())

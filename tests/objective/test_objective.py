@@ -372,3 +372,25 @@ def test_distiller_visual_only_leaves_text_head_untouched():
     distiller(rs, ts, t, progress=0.0)[0].backward()
     assert distiller.proj_v.weight.grad is not None
     assert distiller.proj_t.weight.grad is None
+
+
+def test_visual_layer_distils_into_the_region_features():
+    """``visual_layer``: final-layer states (the default, no extra head), the region
+    encoder's features (their own head; the states get no visual gradient), or both (the
+    two distances add up)."""
+    torch.manual_seed(0)
+    rs, ts, t = _inputs(5)
+    feats = torch.randn(rs.shape[0], rs.shape[1], 12)
+    assert not hasattr(Distiller(H, D, DistillConfig()), "proj_f")
+    losses = {}
+    for layer in ("final", "features", "both"):
+        torch.manual_seed(1)
+        d = Distiller(H, D, DistillConfig(visual_layer=layer, modalities="visual"),
+                      region_dim=12)
+        states, f = rs.clone().requires_grad_(), feats.clone().requires_grad_()
+        loss, _ = d(states, ts, t, progress=0.0, region_features=f)
+        loss.backward()
+        losses[layer] = loss.item()
+        assert (states.grad is not None and states.grad.abs().sum() > 0) == (layer != "features")
+        assert (f.grad is not None and f.grad.abs().sum() > 0) == (layer != "final")
+    assert losses["both"] == pytest.approx(losses["final"] + losses["features"], rel=1e-5)

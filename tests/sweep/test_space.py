@@ -79,7 +79,8 @@ def test_knobs_for_methods():
     naive_distill = {k for k in naive if k.startswith("distill.")}
     assert naive_distill <= NAIVE_KNOBS
     assert naive_distill == {k for k in space.search if k in NAIVE_KNOBS}
-    assert naive_distill == {"distill.lam", "distill.distance"}  # what vcr.yaml searches
+    assert naive_distill == {"distill.lam", "distill.distance", "distill.text_target",
+                             "distill.modalities"}  # what vcr.yaml searches
     assert "distill.select_ratio_v" not in naive and "distill.weighting" not in naive
 
 
