@@ -4,6 +4,7 @@
     python -m cliptd.bench science --shots 0.05 --seeds 3     # none / naive / cliptd on VCR
     python -m cliptd.bench science --shots 0.05,0.25,1.0 --seeds 5 --out bench/results/x.json
     python -m cliptd.bench ray                   # Ray Train + Tune overhead, 1 vs 2 workers
+    python -m cliptd.bench probe                 # what teacher and student know, per domain
 
 Both use the embedded synthetic world (built on first use) and the same training loop as
 Ray Train (``cliptd.training.loop.train_loop``), run in this process so that only the method
@@ -193,7 +194,7 @@ def bench_ray(base: dict, args) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cliptd.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("step", "science", "ray"))
+    parser.add_argument("what", choices=("step", "science", "ray", "probe"))
     add_common_args(parser)
     parser.set_defaults(budget="full")  # the benchmarks' world: full size, longer pre-training
     parser.add_argument("--steps", type=int, default=10)
@@ -210,13 +211,20 @@ def main(argv=None) -> int:
     parser.add_argument("--config", type=Path, help="YAML of extra run-config values "
                         "(e.g. a sweep's best distill knobs)")
     parser.add_argument("--out", type=Path, help="write the figures here as JSON")
+    parser.add_argument("--images", type=int, default=600,
+                        help="probe: corpus images to probe (70 %% fit, 30 %% scored)")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     world, caches = setup_embedded(args, (args.task,))
     base = {"task": args.task, "data": str(world.data[args.task]),
             "student": str(world.student), "teacher_cache": str(caches[args.task]),
             "preset": "synthetic"}
-    if args.what == "ray":
+    if args.what == "probe":
+        from cliptd.embedded import probe
+
+        res = {"probes": probe.probes(world, args.images), "zero_shot": probe.zero_shot(world)}
+        print(probe.to_markdown(res["probes"], res["zero_shot"]))
+    elif args.what == "ray":
         res = bench_ray(base, args)
         print(json.dumps(res, indent=2))
         print(f"\ntraining share of trial wall time (2 concurrent trials): "
