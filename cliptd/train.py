@@ -125,7 +125,9 @@ def main(argv=None) -> int:
                "/qtype/" not in k}
     print(json.dumps({"name": name, "mlflow_run_id": run_id,
                       "epoch": result.metrics.get("epoch"), **metrics}, indent=2))
-    print(f"MLflow: {tracking.ui_command(uri)}   (experiment cliptd-{args.task}, run {run_id})")
+    experiment = c.get_run(run_id).info.experiment_id
+    print(f"MLflow: {tracking.ui_command(uri, experiment)}   (experiment cliptd-{args.task}, "
+          f"run {run_id})")
     return 0
 
 

@@ -272,7 +272,7 @@ def main(argv=None) -> int:
     print(md)
     print("== Paired by seed: method − none, points (mean ± std, seeds ahead / pairs) ==")
     print(paired_md)
-    print(f"MLflow: {tracking.ui_command(uri)}   (experiment cliptd-{args.task}, "
+    print(f"MLflow: {tracking.ui_command(uri, experiment_id)}   (experiment cliptd-{args.task}, "
           f"parent run {parent})")
     print(f"Optuna: optuna-dashboard {study_url} --host 127.0.0.1")
     print(f"Outputs: {out}   wall time {time.time() - start:.0f} s")

@@ -31,10 +31,22 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
-def ui_command(uri: str) -> str:
+def ui_command(uri: str, experiment_id: str | None = None) -> str:
+    """How to look at the runs: the ``mlflow ui`` command (loopback only) and, with an
+    experiment, the link that opens its runs table."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else \
+        "http://127.0.0.1:5000"
+    link = f"; then open {experiment_url(base, experiment_id)}" if experiment_id else ""
     if uri.startswith(("http://", "https://")):
-        return f"open {uri} in a browser (the tracking server's own UI)"
-    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+        return f"open {experiment_url(base, experiment_id) if experiment_id else uri}"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000{link}"
+
+
+def experiment_url(base: str, experiment_id: str) -> str:
+    """An experiment's runs table in MLflow 3's UI. The plain experiment link opens the GenAI
+    overview whatever the experiment's kind tag says (3.17 picks the view from the browser's
+    last choice, default GenAI): ``workflowType=machine_learning`` selects model training."""
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

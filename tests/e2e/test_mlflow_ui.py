@@ -153,6 +153,8 @@ def _row_text(page, name: str) -> str:
 def test_runs_visible_in_mlflow_ui(ui):
     from playwright.sync_api import sync_playwright
 
+    from cliptd.tracking.runs import experiment_url
+
     columns = {"metric": "val/id/q_a", "param": "distill.weighting", "tags": ["task", "shots",
                                                                             "method", "seed"]}
     shot = ui["tmp"] / "mlflow-ui.png"
@@ -164,8 +166,11 @@ def test_runs_visible_in_mlflow_ui(ui):
         try:
             page = browser.new_page(viewport={"width": 1600, "height": 1100})
             page.set_default_timeout(UI_TIMEOUT_MS)
-            page.goto(f"{ui['url']}/#/experiments/{ui['experiment_id']}/runs")
+            # the link the commands print opens the runs table (the plain experiment link
+            # opens MLflow 3's GenAI overview)
+            page.goto(experiment_url(ui["url"], ui["experiment_id"]))
             page.get_by_text("matching runs").wait_for()
+            assert "/runs" in page.url and "workflowType=machine_learning" in page.url
             assert "cliptd-vcr" in page.inner_text("body")
             # show the columns: Columns ▸ tick each (antd tree nodes carry the name as title)
             page.get_by_role("button", name="Columns", exact=True).click()
