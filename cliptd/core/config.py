@@ -104,6 +104,9 @@ DEFAULT_CONFIG = {
     "grad_accum": 1,
     "epochs": 4,
     "min_steps": 0,  # low-shot runs: at least this many optimizer steps in all
+    # stop after this many epochs without a better (sampled) validation score (0: never);
+    # `epochs` is then the most a run trains
+    "patience": 0,
     "max_length": 64,
     "vqa_vocab": 100,
     "eval_batch_size": 128,
@@ -130,6 +133,8 @@ def resolve_config(overrides: dict) -> dict:
         raise ValueError(f"unknown task {cfg['task']!r}; known: {sorted(PRIMARY_METRIC)}")
     cfg["distill"] = DistillConfig.from_dict(cfg["distill"]).as_dict()
     parse_shots(cfg["shots"])
+    if not (isinstance(cfg["patience"], int) and cfg["patience"] >= 0):
+        raise ValueError(f"patience must be an integer >= 0, got {cfg['patience']!r}")
     for key in ("lr", "batch_size", "epochs", "grad_accum"):
         if not (isinstance(cfg[key], (int, float)) and cfg[key] > 0):
             raise ValueError(f"{key} must be > 0, got {cfg[key]!r}")

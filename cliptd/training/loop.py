@@ -69,6 +69,9 @@ def train_loop(config: dict, rt) -> None:
     warm = max(1, int(cfg["warmup_frac"] * total_steps))
     sched = lr_scheduler(opt, warmup_linear(warm, total_steps))
     start_epoch, step = 0, 0
+    # patience: stop once the (sampled) validation score has not improved for that many
+    # epochs; the run then ends as if that epoch were its last (whole-split evaluation)
+    early = {"best": float("-inf"), "since": 0, "stopped": False}
     state = rt.resume(CHECKPOINT_FORMAT)
     if state is not None:  # resume exactly: weights, optimizer, schedule, every RNG
         module.load_state_dict(state["model"])
@@ -79,6 +82,9 @@ def train_loop(config: dict, rt) -> None:
         if getattr(loader, "generator", None) is not None:
             loader.generator.set_state(state["loader_rng"])
         start_epoch, step = state["epoch"] + 1, state["step"]
+        early = state.get("early_stop", early)
+        if early["stopped"]:  # the run had ended: a restart trains no further
+            start_epoch = epochs
     tracker = rt.tracker(cfg["tracking"])
     # Epochs this run already logged before a crash or a killed driver: a restart from an
     # earlier checkpoint re-runs them (exactly: same values), and MLflow must not get them
@@ -111,14 +117,29 @@ def train_loop(config: dict, rt) -> None:
                    **{f"train/{k}": v for k, v in logs.items()}}
         if epoch == start_epoch:
             metrics["time/setup_s"] = setup_seconds
+        final = epoch + 1 == epochs
+        primary = f"val/id/{PRIMARY_METRIC[cfg['task']]}"
+        t_eval = time.time()
         if rt.rank == 0:
-            t_eval = time.time()
-            metrics.update(evaluate(module, parts, cfg, device, sample=epoch + 1 < epochs))
+            metrics.update(evaluate(module, parts, cfg, device, sample=not final))
+        if cfg["patience"] and not final:
+            score = metrics.get(primary, float("-inf"))
+            if rt.rank == 0 and score > early["best"]:
+                early["best"], early["since"] = score, 0
+            elif rt.rank == 0:
+                early["since"] += 1
+            # rank 0 alone evaluated: every rank follows its decision
+            final = early["stopped"] = rt.agree(early["since"] >= cfg["patience"])
+            if final and rt.rank == 0:  # the last epoch: scored on the whole split
+                metrics.update(evaluate(module, parts, cfg, device, sample=False))
+        if rt.rank == 0:
             metrics["time/eval_s"] = time.time() - t_eval
-            if epoch + 1 == epochs:  # what the trained student costs at inference
+            if final:  # what the trained student costs at inference
                 metrics.update(run_cost(module.student, to_device(parts.collate_eval(
                     parts.eval[:COST_INSTANCES]), device)))
-        metrics["score"] = metrics.get(f"val/id/{PRIMARY_METRIC[cfg['task']]}", float("nan"))
+            if cfg["patience"]:
+                metrics["train/stopped_early"] = float(early["stopped"])
+        metrics["score"] = metrics.get(primary, float("nan"))
         # per trial in MLflow: a sweep's memory growth shows as a trend across its trials
         metrics["sys/peak_rss_mb"] = peak_rss_mb()
 
@@ -132,9 +153,12 @@ def train_loop(config: dict, rt) -> None:
                 if getattr(loader, "generator", None) is not None
                 else torch.Generator().get_state(),
                 "config": cfg, "epoch": epoch, "step": step, "metrics": metrics,
+                "early_stop": dict(early),
             }
 
         rt.checkpoint_and_report(metrics, epoch + 1, state=state, tokenizer=parts.tokenizer,
                                  tracker=tracker, log=epoch + 1 not in logged)
+        if final:
+            break
     if tracker:
         tracker.close()

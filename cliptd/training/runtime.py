@@ -59,6 +59,14 @@ class Runtime:
                 tracker.log_metrics(metrics, step=index)
             self.report(metrics, folder, index, unit)
 
+    def agree(self, flag: bool) -> bool:
+        """Rank 0's ``flag`` on every rank (a decision only rank 0 could make)."""
+        if self.world == 1:
+            return bool(flag)
+        t = torch.tensor([int(flag)], device=self.device)
+        torch.distributed.broadcast(t, src=0)
+        return bool(t.item())
+
     def fault_point(self, fault: dict | None, step: int) -> None:
         """Fault injection for tests: a hard crash (no cleanup, no report) at step
         ``fault["exit_at_step"]``, once (the marker file records that it happened)."""

@@ -87,3 +87,28 @@ def test_every_logged_metric_is_a_valid_mlflow_name(tiny_world, task, tmp_path):
     assert any(k.startswith("val/id/") for k in keys)
     for key in keys:
         _validate_metric_name(key)
+
+
+def test_patience_stops_a_run_that_stopped_improving(tiny_world, vcr_cache, tmp_path):
+    """With lr 0 the score never improves: patience 1 stops after epoch 2 of 6, and that
+    epoch is scored on the whole eval split, as a last epoch is; a restart from its
+    checkpoint trains no further."""
+    from cliptd.training.checkpoint import CHECKPOINT_FORMAT
+
+    cfg = _cfg(tiny_world, vcr_cache, epochs=6, patience=1, lr=1e-12, eval_limit=8,
+               distill={"method": "none"})
+    rt = LocalRuntime(keep_dir=tmp_path / "ck")
+    train_loop(cfg, rt)
+    assert [m["epoch"] for m in rt.history] == [1, 2]
+    first, last = rt.history
+    assert first["train/stopped_early"] == 0.0 and last["train/stopped_early"] == 1.0
+    assert first["val/instances"] == 8 and last["val/instances"] > 8  # sample, then all
+    assert "model/params" in last  # the end-of-run measurements of a last epoch
+    state = load_checkpoint_file(tmp_path / "ck" / "epoch-002" / "checkpoint.pt",
+                                 CHECKPOINT_FORMAT)
+    assert state["early_stop"]["stopped"]
+    again = LocalRuntime(resume_from=tmp_path / "ck" / "epoch-002")
+    train_loop(cfg, again)
+    assert again.history == []
+    with pytest.raises(ValueError, match="patience"):
+        resolve_config({"patience": -1})
