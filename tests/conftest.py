@@ -34,6 +34,16 @@ def tiny_world(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def vcr_cache(tiny_world):
+    """The tiny teacher's cache of the tiny world's VCR train split."""
+    from cliptd.teacher.cache import ensure_cache
+    from cliptd.teacher.clip import Teacher
+
+    return ensure_cache(Teacher.load(tiny_world.teacher), tiny_world.data["vcr"],
+                        tiny_world.root / "tc", progress=False)
+
+
+@pytest.fixture(scope="session")
 def world_cache(tmp_path_factory):
     """One embedded world (budget small) shared by the CLI tests: built by the first run.
     ``CLIPTD_TEST_WORLD_CACHE=<folder>`` reuses one across sessions (running a single CLI

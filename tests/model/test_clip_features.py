@@ -152,20 +152,6 @@ def test_cache_teacher_reads_old_and_new_meta(tmp_path):
 # A run on the tiny world: Ray Train's loop, in this process
 
 
-@pytest.fixture(scope="module")
-def vcr_cache(tiny_world):
-    from cliptd.data.prepare import load_manifest, read_split
-    from cliptd.data.problems import problems_from_table
-    from cliptd.teacher.cache import build_cache, cache_key
-
-    t = Teacher.load(tiny_world.teacher)
-    folder = tiny_world.data["vcr"]
-    m = load_manifest(folder)
-    probs = problems_from_table("vcr", read_split(folder, "train"), m["image_root"])
-    return build_cache(t, "vcr", probs, tiny_world.root / "tc-clip",
-                       cache_key(t.fingerprint(), m["version"], "train", "vcr"), progress=False)
-
-
 def test_run_trains_clip_features_end_to_end(tiny_world, vcr_cache, tmp_path):
     from test_student import _FakeResult
 

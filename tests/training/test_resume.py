@@ -12,22 +12,6 @@ from cliptd.training.loop import train_loop
 from cliptd.training.runtime import LocalRuntime
 
 
-@pytest.fixture(scope="module")
-def vcr_cache(tiny_world):
-    from cliptd.data.prepare import load_manifest, read_split
-    from cliptd.data.problems import problems_from_table
-    from cliptd.teacher.cache import build_cache, cache_key
-    from cliptd.teacher.clip import Teacher
-
-    teacher = Teacher.load(tiny_world.teacher)
-    folder = tiny_world.data["vcr"]
-    m = load_manifest(folder)
-    probs = problems_from_table("vcr", read_split(folder, "train"), m["image_root"])
-    return build_cache(teacher, "vcr", probs, tiny_world.root / "tc",
-                       cache_key(teacher.fingerprint(), m["version"], "train", "vcr"),
-                       progress=False)
-
-
 def _cfg(world, cache, **kw):
     return resolve_config({"task": "vcr", "data": str(world.data["vcr"]),
                            "student": str(world.student), "teacher_cache": str(cache),
