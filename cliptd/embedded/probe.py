@@ -136,7 +136,10 @@ def zero_shot(world, limit: int = 600) -> list[dict]:
     rows = []
     for split in ("train", EVAL_SPLIT["vcr"]):
         problems = [p for p in problems_from_table("vcr", read_split(data, split), root)
-                    if p.label >= 0][:limit]
+                    if p.label >= 0]
+        # a seeded sample across the split (its domains and types are in blocks)
+        pick = np.random.default_rng(0).permutation(len(problems))[:limit]
+        problems = [problems[i] for i in sorted(pick)]
         hits = defaultdict(list)
         for p, r in zip(problems, compute_targets(teacher, "vcr", problems), strict=True):
             hits[(p.head, p.qtype, p.domain)].append(r["correct"])
