@@ -19,6 +19,7 @@ from pathlib import Path
 
 from cliptd.core.config import METHODS, resolve_config
 from cliptd.core.errors import DataError
+from cliptd.core.invocation import prog
 from cliptd.training.checkpoint import export_best
 from cliptd.training.launch import make_trainer
 
@@ -32,7 +33,7 @@ def embedded_run_config(task: str, world, teacher_cache: Path | None) -> dict:
 def main(argv=None) -> int:
     from cliptd.cli.common import add_common_args, die, init_ray, resolve_storage, setup_embedded
 
-    parser = argparse.ArgumentParser(prog="python -m cliptd.train", description=__doc__,
+    parser = argparse.ArgumentParser(prog=prog("cliptd.train"), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, max_failures=2)
     parser.add_argument("--method", choices=METHODS)
