@@ -11,12 +11,13 @@ export RAY_USAGE_STATS_ENABLED=0
 export MLFLOW_DISABLE_TELEMETRY=true
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
 
-.PHONY: venv tune test lint bench browser
+.PHONY: venv tune test lint bench browser lock
 
-$(STAMP): pyproject.toml
+# pyproject.toml holds the dependency ranges, constraints.txt the exact set tested together.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -38,3 +39,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m cliptd.bench step $(ARGS)
+
+# Re-pin constraints.txt to what this venv holds (after changing a range in pyproject.toml
+# and installing and testing the new versions).
+lock:
+	$(BIN)/python .ci/lock.py > constraints.txt.tmp && mv constraints.txt.tmp constraints.txt

@@ -33,6 +33,8 @@ import torch
 import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
+from cliptd.sweep.space import shipped_spaces
+
 # Real dataset sizes (train instances, eval instances), from the datasets' papers / files.
 DATASETS = {
     "vcr": {"train": 212_923, "eval": 26_534, "eval_split": "val"},
@@ -230,8 +232,7 @@ def main(argv=None) -> int:
     for task in args.tasks.split(","):
         student = measure_student(task, args.batch, args.repeats)
         teacher = measure_teacher(task, args.batch)
-        space = yaml.safe_load((Path(__file__).parent.parent / "tune_spaces" /
-                                f"{task}.yaml").read_text())
+        space = yaml.safe_load(shipped_spaces()[task].read_text())
         cost = sweep_cost(task, space, args.budget, student, teacher, shots)
         gpu_h = {f"shots={r['shots']}": (r["train_flops"] + r["eval_flops"]) / sustained / 3600
                  for r in cost["per_shot"]}

@@ -25,6 +25,7 @@ import torch
 from cliptd.cli.common import add_common_args, setup_embedded
 from cliptd.core.atomic import atomic_write
 from cliptd.core.config import resolve_config
+from cliptd.core.invocation import prog
 from cliptd.tracking.table import comparison_rows, paired_rows, to_markdown
 from cliptd.training.loop import train_loop
 from cliptd.training.run import build_run
@@ -192,7 +193,7 @@ def bench_ray(base: dict, args) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cliptd.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog=prog("cliptd.bench"), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=("step", "science", "ray", "probe"))
     add_common_args(parser)

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import yaml
 
+from cliptd.core.invocation import prog
+
 DRIVER_RESOURCE = "cliptd_driver"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 GPU_INSTANCE_PATTERN = re.compile(
@@ -313,7 +315,7 @@ def validate_cluster_config(path: str | os.PathLike) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m cliptd.clusters", description="Check `ray up` files offline."
+        prog=prog("cliptd.clusters"), description="Check `ray up` files offline."
     )
     sub = parser.add_subparsers(dest="command", required=True)
     v = sub.add_parser("validate", help="validate cluster YAML files")

@@ -33,6 +33,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from cliptd.core.env import package_versions
+from cliptd.core.invocation import prog
 from cliptd.data.corpus import check_corpus, corpus_words, dataset_words
 from cliptd.model.config import StudentConfig
 from cliptd.objective.pretrain_task import PretrainConfig
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
         resolve_storage,
     )
 
-    parser = argparse.ArgumentParser(prog="python -m cliptd.pretrain", description=__doc__,
+    parser = argparse.ArgumentParser(prog=prog("cliptd.pretrain"), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", type=Path, required=True,
                         help="image-caption corpus (Parquet, cliptd.synthetic.corpus.SCHEMA)")

@@ -28,6 +28,7 @@ from pathlib import Path
 # cliptd.core.config is light: the report needs neither torch nor Ray, only MLflow and plots
 from cliptd.core.atomic import atomic_write
 from cliptd.core.config import PRIMARY_METRIC, TASKS
+from cliptd.core.invocation import prog
 from cliptd.tracking.table import (
     METHOD_ORDER,
     comparison_rows,
@@ -405,7 +406,7 @@ def build(uri: str, task: str, experiment: str | None, sweep: str | None, out: P
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cliptd.report", description=__doc__,
+    parser = argparse.ArgumentParser(prog=prog("cliptd.report"), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="vcr", choices=TASKS)
     parser.add_argument("--experiment", help="MLflow experiment (default cliptd-<task>)")

@@ -26,12 +26,13 @@ from pathlib import Path
 
 from cliptd.cli.common import build_teacher_cache, die, init_ray, teacher_cache_root
 from cliptd.core.errors import DataError
+from cliptd.core.invocation import prog
 from cliptd.data.prepare import load_manifest
 from cliptd.teacher.clip import TeacherSpec
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cliptd.teacher_cache", description=__doc__,
+    parser = argparse.ArgumentParser(prog=prog("cliptd.teacher_cache"), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True,
                         help="a prepared dataset (python -m cliptd.data prepare)")

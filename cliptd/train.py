@@ -23,6 +23,7 @@ from pathlib import Path
 
 from cliptd.core.config import METHODS, resolve_config
 from cliptd.core.errors import DataError
+from cliptd.core.invocation import prog
 from cliptd.training.checkpoint import export_best
 from cliptd.training.launch import make_trainer
 
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
         user_run_config,
     )
 
-    parser = argparse.ArgumentParser(prog="python -m cliptd.train", description=__doc__,
+    parser = argparse.ArgumentParser(prog=prog("cliptd.train"), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser, max_failures=2)
     parser.add_argument("--method", choices=METHODS)

@@ -1,5 +1,5 @@
 """Sweeps: for every data condition × method, an Optuna search with ASHA early stopping over
-``tune_spaces/<task>.yaml``; then each best config re-run over seeds; then the comparison.
+``cliptd/sweep/spaces/<task>.yaml``; then each best config re-run over seeds; then the comparison.
 
     python -m cliptd.tune --task vcr                    # the embedded synthetic world
     python -m cliptd.tune --task vcr --budget small     # a first look (~minutes)
@@ -45,6 +45,7 @@ from cliptd.core.atomic import atomic_write
 from cliptd.core.config import PRIMARY_METRIC, resolve_config
 from cliptd.core.env import package_versions
 from cliptd.core.errors import DataError, SweepError
+from cliptd.core.invocation import prog
 from cliptd.sweep.driver import condition_name
 from cliptd.sweep.plan import plan_resources, run_jobs
 from cliptd.sweep.space import SpaceError, apply_sample, describe, load_space
@@ -112,11 +113,11 @@ def _as_number(text: str):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cliptd.tune", description=__doc__,
+    parser = argparse.ArgumentParser(prog=prog("cliptd.tune"), description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--space", type=Path, help="search space YAML (default "
-                        "tune_spaces/<task>.yaml)")
+                        "the shipped cliptd/sweep/spaces/<task>.yaml)")
     parser.add_argument("--name", help="sweep name (default <task>-<budget>); reuse to resume")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     parser.add_argument("--searcher-seed", type=int, default=0)

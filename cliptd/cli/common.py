@@ -24,7 +24,7 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "900")
 
 
-# The embedded world behind --budget (each also names a budget in tune_spaces/*.yaml):
+# The embedded world behind --budget (each also names a budget in cliptd/sweep/spaces/*.yaml):
 # "default" fits the 2-core first run in 10 minutes (half-size world, shorter pre-training),
 # "full" is the world the science benchmarks use, "small" is for tests.
 WORLD_BUDGETS = {

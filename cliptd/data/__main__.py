@@ -18,12 +18,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cliptd.core.errors import DataError
+from cliptd.core.invocation import prog
 from cliptd.data.prepare import SHARD_ROWS, load_manifest, prepare
 from cliptd.data.subsets import FRACTIONS, KSHOTS, subset_ids
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m cliptd.data", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog=prog("cliptd.data"), description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     pr = sub.add_parser("prepare", help="real files -> Parquet shards + manifest")
     pr.add_argument("--task", required=True, help="vcr, snli_ve or vqa")

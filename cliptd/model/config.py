@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields
+from importlib import resources
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
+# Shipped inside the package (the wheel holds them too), read through importlib.resources.
+CONFIG_DIR = resources.files("cliptd") / "model_configs"
 # transformers ``model_type`` → the student architecture that wraps it
 ARCHS = {"visual_bert": "visualbert", "lxmert": "lxmert"}
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -116,8 +118,10 @@ class StudentConfig:
     def from_name(cls, name: str, **overrides) -> StudentConfig:
         """``name`` is a shipped config (``visualbert-tiny``) or a path to a JSON file."""
         path = Path(name) if name.endswith(".json") else CONFIG_DIR / f"student-{name}.json"
-        if not path.exists():
-            known = sorted(p.stem.removeprefix("student-") for p in CONFIG_DIR.glob("student-*"))
+        if not path.is_file():
+            known = sorted(p.name.removeprefix("student-").removesuffix(".json")
+                           for p in CONFIG_DIR.iterdir()
+                           if p.name.startswith("student-") and p.name.endswith(".json"))
             raise ValueError(f"unknown student config {name!r}; shipped: {known}")
         data = json.loads(path.read_text())
         allowed = {f.name for f in fields(cls)}

@@ -1,4 +1,4 @@
-"""Search spaces: ``tune_spaces/<task>.yaml``, validated before anything runs.
+"""Search spaces: the shipped ``cliptd/sweep/spaces/<task>.yaml`` or any file, validated first.
 
 A space file holds the fixed grid (data conditions × methods), the searchable knobs with
 their distributions, fixed config values, the metric and named budgets. ``load_space``
@@ -11,13 +11,17 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 import yaml
 
 from cliptd.core.config import CHOICES, DEFAULT_CONFIG, DistillConfig, parse_shots
 
-SPACES_DIR = Path(__file__).resolve().parents[2] / "tune_spaces"
+# The shipped spaces live in the package (cliptd/sweep/spaces/), read through
+# importlib.resources: the same under an installed wheel as in a checkout.
+SPACES_DIR = resources.files("cliptd") / "sweep" / "spaces"
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "randint")
 # Knobs each method actually uses: `none` and `clip_features` have no teacher term, `naive`
 # fixes selection, weighting and schedule (SPEC section 2), so searching them would only
@@ -48,7 +52,7 @@ class Budget:
 
 @dataclass
 class Space:
-    path: Path
+    path: Path | Traversable  # a shipped space (cliptd/sweep/spaces/) or a file
     task: str
     metric: str
     shots: list
@@ -141,13 +145,19 @@ def _check_value_range(path, where: str, name: str, low, high) -> None:
         _fail(path, where, f"must lie in [0, 1), got [{low}, {high}]")
 
 
+def shipped_spaces() -> dict[str, Traversable]:
+    """The search spaces shipped in the package, by name (``vcr`` for ``spaces/vcr.yaml``)."""
+    return {p.name.removesuffix(".yaml"): p for p in SPACES_DIR.iterdir()
+            if p.name.endswith(".yaml")}
+
+
 def load_space(task_or_path: str | Path) -> Space:
+    """A shipped space by name (``vcr``), or a space file by path."""
     path = Path(task_or_path)
     if not path.suffix:
         path = SPACES_DIR / f"{task_or_path}.yaml"
-    if not path.exists():
-        known = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
-        raise SpaceError(f"no search space {path} (shipped: {known})")
+    if not path.is_file():
+        raise SpaceError(f"no search space {path} (shipped: {sorted(shipped_spaces())})")
     try:
         raw = _numbers(yaml.safe_load(path.read_text()))
     except yaml.YAMLError as exc:

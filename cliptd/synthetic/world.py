@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cliptd.core.atomic import clean_stale
+from cliptd.core.invocation import prog
 from cliptd.synthetic import corpus, snli_ve, vcr, vqa
 from cliptd.synthetic.plan import pack
 from cliptd.synthetic.scene import (
@@ -391,7 +392,7 @@ def generate_world(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m cliptd.synthetic",
+        prog=prog("cliptd.synthetic"),
         description="Write cliptd's synthetic world (VCR, SNLI-VE, VQA v2 formats + corpora).",
     )
     p.add_argument("--out", required=True, type=Path, help="the world's folder")

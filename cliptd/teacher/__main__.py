@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cliptd.core.invocation import prog
 from cliptd.teacher.pretrain import TeacherPretrainConfig, pretrain_tiny_teacher
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cliptd.teacher")
+    parser = argparse.ArgumentParser(prog=prog("cliptd.teacher"))
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("pretrain", help="pre-train the embedded tiny CLIP on a caption corpus")
     p.add_argument("--corpus", type=Path, required=True)

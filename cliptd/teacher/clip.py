@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import open_clip
@@ -20,13 +21,17 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
+# Shipped inside the package (the wheel holds them too), read through importlib.resources.
+CONFIG_DIR = resources.files("cliptd") / "model_configs"
 
 
 EMBEDDED_TEACHER = "cliptd-tiny"
 
 
-open_clip.add_model_config(CONFIG_DIR / f"{EMBEDDED_TEACHER}.json")
+# open_clip reads a registered file at once and keeps its config when the file goes, so a
+# temporary copy (a package not on a file system) registers as well as the file itself.
+with resources.as_file(CONFIG_DIR / f"{EMBEDDED_TEACHER}.json") as _path:
+    open_clip.add_model_config(_path)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from cliptd.sweep.space import shipped_spaces
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -28,7 +30,7 @@ def _run(tmp: Path, module: str, *args: str) -> subprocess.CompletedProcess:
      "got 0"),
     (["--task", "vcr", "--num-samples", "many"], "--num-samples: expected a positive "
      "integer, got 'many'"),
-    (["--task", "snli_ve", "--space", str(REPO / "tune_spaces" / "vcr.yaml")],
+    (["--task", "snli_ve", "--space", str(shipped_spaces()["vcr"])],
      "task: 'vcr' but --task snli_ve"),
 ])
 def test_tune_refuses_bad_arguments(tmp_path, args, message):

@@ -30,6 +30,8 @@ import pytest
 import yaml
 from _cli import diagnose
 
+from cliptd.sweep.space import shipped_spaces
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -129,7 +131,7 @@ def test_sweep_survives_tracking_outage(tmp_path, world_cache):
            "CLIPTD_TRACKING_BUFFER": str(tmp_path / "buffer"), "PYTHONUNBUFFERED": "1"}
     # the shipped VCR space with one seed: the search's best trial is the comparison, no
     # re-run after the search (the outage is over by then)
-    space = yaml.safe_load((REPO / "tune_spaces" / "vcr.yaml").read_text())
+    space = yaml.safe_load(shipped_spaces()["vcr"].read_text())
     space["budgets"]["small"]["seeds"] = 1
     (tmp_path / "vcr.yaml").write_text(yaml.safe_dump(space))
     cmd = [sys.executable, "-m", "cliptd.tune", "--task", "vcr", "--budget", "small",

@@ -11,9 +11,17 @@ import numpy as np
 import pytest
 
 from cliptd.core.config import DEFAULT_CONFIG, resolve_config
-from cliptd.sweep.space import NAIVE_KNOBS, SPACES_DIR, Space, SpaceError, apply_sample, load_space
+from cliptd.sweep.space import (
+    NAIVE_KNOBS,
+    SPACES_DIR,
+    Space,
+    SpaceError,
+    apply_sample,
+    load_space,
+    shipped_spaces,
+)
 
-SHIPPED = sorted(SPACES_DIR.glob("*.yaml"))
+SHIPPED = [shipped_spaces()[name] for name in sorted(shipped_spaces())]
 
 GOOD = """\
 task: vcr
@@ -50,15 +58,17 @@ def edit(text: str, old: str, new: str) -> str:
 
 
 def test_shipped_files_exist():
-    assert SHIPPED, f"no tune_spaces/*.yaml under {SPACES_DIR}"
-    assert any(p.stem == "vcr" for p in SHIPPED)
+    assert SHIPPED, f"no *.yaml under {SPACES_DIR}"
+    # one per task, inside the package (a wheel ships them: tests/e2e/test_package.py)
+    assert sorted(shipped_spaces()) == ["snli_ve", "vcr", "vqa"]
+    assert SPACES_DIR == Path(__file__).resolve().parents[2] / "cliptd" / "sweep" / "spaces"
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
 def test_every_shipped_space_is_valid(path):
     space = load_space(path)
     assert isinstance(space, Space)
-    assert space.task == path.stem
+    assert space.task == path.name.removesuffix(".yaml")
     assert space.methods and space.shots and space.search
     assert {"default", "small"} <= set(space.budgets)
     # the fixed values resolve into a valid run config
