@@ -46,7 +46,8 @@ def clean(ray_local, cfg, tmp_path_factory):
     return result
 
 
-def sweep_trial(cfg: dict, storage: str, name: str, kind: str, max_failures: int):
+def sweep_trial(cfg: dict, storage: str, name: str, kind: str, max_failures: int,
+                tune_config=None, param_space=None):
     """One trial through the sweep's own Tuner set-up (``cliptd.sweep.search.run_tuner``:
     the trial function, its resources, its FailureConfig and CheckpointConfig)."""
     from ray import tune
@@ -57,7 +58,8 @@ def sweep_trial(cfg: dict, storage: str, name: str, kind: str, max_failures: int
             "gpus_per_worker": 0, "cpus_per_worker": 1.0, "max_failures": max_failures,
             "base": cfg, "condition": name, "method": "none", "phase": "test",
             "searcher_seed": 0, "versions": {}, "trial_kind": kind}
-    grid = run_tuner(name, storage, {}, tune.TuneConfig(num_samples=1),
+    grid = run_tuner(name, storage, param_space or {},
+                     tune_config or tune.TuneConfig(num_samples=1),
                      {"driver": {"CPU": 0.2}}, meta, resume=False)
     assert len(grid) == 1
     return grid[0]
@@ -89,11 +91,12 @@ def test_light_trial_matches_a_one_worker_torchtrainer(clean, cfg, tmp_path):
     light = sweep_trial(cfg, str(tmp_path / "ray"), "light-clean", "light", 0)
     assert light.error is None
     _same(light.metrics, clean.metrics)
-    a = light.metrics_dataframe.sort_values("epoch")
-    b = clean.metrics_dataframe.sort_values("epoch")
-    assert list(a["epoch"]) == list(b["epoch"]) == [1, 2, 3]
+    a = light.metrics_dataframe.set_index("epoch").sort_index()
+    # Ray Train's dataframe holds the results of the checkpoints it kept (the 2 best)
+    b = clean.metrics_dataframe.set_index("epoch").sort_index()
+    assert list(a.index) == [1, 2, 3] and len(b) >= 2 and set(b.index) <= set(a.index)
     for key in ("train/loss/task", "val/id/acc", "score"):
-        assert list(a[key]) == list(b[key]), key
+        assert list(a.loc[b.index, key]) == list(b[key]), key
     # the light trial's checkpoints are Tune's, on the storage path, self-describing
     from cliptd.training.checkpoint import load_checkpoint_file
 
@@ -107,17 +110,38 @@ def test_light_trial_matches_a_one_worker_torchtrainer(clean, cfg, tmp_path):
 def test_sweep_trial_worker_crash_resumes_to_same_result(clean, cfg, tmp_path, kind):
     """A sweep trial whose worker dies mid-epoch 2: a light trial's worker is the trial's
     own process (os._exit kills the Tune actor; Tune restarts it from its latest
-    checkpoint), a train trial's is a Ray Train worker (Ray Train restarts it)."""
+    checkpoint), a train trial's is a Ray Train worker (Ray Train restarts it). Under the
+    sweep's searcher and scheduler (Optuna, ASHA on ``epoch``): the restart is neither a
+    new Optuna trial nor a stop, and the study closes the trial with its final score."""
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
     marker = tmp_path / "crashed.txt"
     steps_per_epoch = clean.metrics["step"] // 3
     crashing = {**cfg, "fault": {"exit_at_step": steps_per_epoch * 2 - 1,
                                  "marker": str(marker)}}
-    result = sweep_trial(crashing, str(tmp_path / "ray"), f"crashy-{kind}", kind, 1)
+    study = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = OptunaSearch(metric="score", mode="max", seed=0, study_name="crash",
+                            storage=optuna.storages.RDBStorage(study))
+    asha = ASHAScheduler(time_attr="epoch", metric="score", mode="max", max_t=3,
+                         grace_period=1, reduction_factor=2)
+    result = sweep_trial(crashing, str(tmp_path / "ray"), f"crashy-{kind}", kind, 1,
+                         tune.TuneConfig(search_alg=searcher, scheduler=asha, num_samples=1),
+                         # one value: a searched knob that leaves the run as the clean one
+                         {"weight_decay": tune.choice([cfg["weight_decay"]])})
     assert marker.exists(), "the fault was never injected"
     assert result.error is None, result.error
     _same(result.metrics, clean.metrics)
     epochs = list(result.metrics_dataframe["epoch"])
-    assert epochs[-1] == 3 and 1 in epochs
+    # A restarted light trial is a new Tune actor: its results start again at epoch 2, the
+    # first after its epoch-1 checkpoint (from scratch it would report epoch 1 again). A
+    # train trial's driver never stopped: it forwarded every epoch once.
+    assert epochs == ([2, 3] if kind == "light" else [1, 2, 3]), epochs
+    trials = optuna.load_study(study_name="crash", storage=study).trials
+    assert len(trials) == 1 and trials[0].state == optuna.trial.TrialState.COMPLETE
+    assert trials[0].value == clean.metrics["score"]
 
 
 def test_worker_crash_beyond_max_failures_fails(ray_local, tiny_world, tmp_path):
