@@ -1,5 +1,6 @@
-"""Launch → first training step of 2 tiny Tune trials started together (each a 1-worker
-TorchTrainer): the fixed cost Ray adds to every trial, with almost no training in it.
+"""Launch → first training step of 2 tiny Tune trials started together, for both kinds of
+trial (light: the loop in the Tune trial; train: a 1-worker TorchTrainer): the fixed cost
+Ray adds to every trial, with almost no training in it.
 
     .venv/bin/python bench/trial_startup.py
     RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=1 .venv/bin/python bench/trial_startup.py
@@ -23,8 +24,11 @@ from cliptd.cli.common import init_ray, setup_embedded
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, help="write the figures here as JSON")
-    out = parser.parse_args().out
-    args = SimpleNamespace(task="vcr", budget="full", cache=None, address=None)
+    parser.add_argument("--kinds", default="light,train")
+    parser.add_argument("--budget", default="full")
+    cli = parser.parse_args()
+    out = cli.out
+    args = SimpleNamespace(task="vcr", budget=cli.budget, cache=None, address=None)
     world, caches = setup_embedded(args, ("vcr",))
     base = {"task": "vcr", "data": str(world.data["vcr"]), "student": str(world.student),
             "teacher_cache": str(caches["vcr"]), "preset": "synthetic", "epochs": 2,
@@ -33,19 +37,24 @@ def main() -> None:
     init_ray(args)
     from cliptd.bench import first_step_s, two_concurrent_trials
 
-    grid, launch = two_concurrent_trials(base, str(Path("runs/bench").resolve()), "startup")
-    first = []
-    for r in grid:
-        df = r.metrics_dataframe
-        first_step = first_step_s(df, launch)
-        first.append(first_step)
-        print(f"trial {r.config['seed']}: launch → first training step {first_step:.1f} s "
-              f"(loop set-up {df['time/setup_s'].iloc[0]:.1f} s)")
-    print(f"both trials done in {time.time() - launch:.1f} s")
+    figures = {}
+    for kind in cli.kinds.split(","):
+        grid, launch = two_concurrent_trials(base, str(Path("runs/bench").resolve()),
+                                             f"startup-{kind}", kind)
+        first = []
+        for r in grid:
+            if r.error is not None:
+                raise SystemExit(f"a {kind} trial failed: {r.error}")
+            df = r.metrics_dataframe
+            first_step = first_step_s(df, launch)
+            first.append(first_step)
+            print(f"{kind} trial {r.config['seed']}: launch → first training step "
+                  f"{first_step:.1f} s (loop set-up {df['time/setup_s'].iloc[0]:.1f} s)")
+        print(f"both {kind} trials done in {time.time() - launch:.1f} s")
+        figures[kind] = {"first_step_s": first}
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"first_step_s": first}, indent=2))
-
+        out.write_text(json.dumps(figures, indent=2))
 
 if __name__ == "__main__":
     main()

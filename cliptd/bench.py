@@ -3,7 +3,8 @@
     python -m cliptd.bench step                  # cliptd vs none step cost, cached vs live teacher
     python -m cliptd.bench science --shots 0.05 --seeds 3     # none / naive / cliptd on VCR
     python -m cliptd.bench science --shots 0.05,0.25,1.0 --seeds 5 --out bench/results/x.json
-    python -m cliptd.bench ray                   # Ray Train + Tune overhead, 1 vs 2 workers
+    python -m cliptd.bench ray --epochs 2        # Ray's cost per trial: light vs TorchTrainer
+                                                 # trials vs the plain loop; 1 vs 2 workers
     python -m cliptd.bench probe                 # what teacher and student know, per domain
 
 Both use the embedded synthetic world (built on first use) and the same training loop as
@@ -114,37 +115,111 @@ def bench_science(base: dict, shots: list, seeds: int, methods: list[str], epoch
     return records
 
 
-def two_concurrent_trials(cfg: dict, storage: str, name: str):
-    """Two Tune trials of ``cfg`` (seeds 0 and 1) started together, each a 1-worker
-    TorchTrainer run through the sweep's own trial driver → (result grid, launch time)."""
+def two_concurrent_trials(cfg: dict, storage: str, name: str, kind: str = "train"):
+    """Two Tune trials of ``cfg`` (seeds 0 and 1) started together through the sweep's own
+    trial function, resources and run options, as ``kind`` trials (``light``: the loop in the
+    trial's process; ``train``: a 1-worker TorchTrainer) → (result grid, launch time)."""
     from ray import tune
 
-    from cliptd.sweep.driver import train_driver_fn
+    from cliptd.sweep.driver import train_driver_fn, trial_resources, tune_run_options
 
     meta = {"sweep_id": name, "tracking_uri": None, "storage_path": storage, "workers": 1,
             "gpus_per_worker": 0, "cpus_per_worker": 0.8, "max_failures": 0, "base": cfg,
-            "condition": name, "phase": "bench", "searcher_seed": 0, "versions": {}}
+            "condition": name, "phase": "bench", "searcher_seed": 0, "versions": {},
+            "trial_kind": kind}
+    trainable = tune.with_resources(tune.with_parameters(train_driver_fn, meta=meta),
+                                    trial_resources(meta, {"CPU": 0.2}))
+    trainable.__name__ = f"train_driver_fn_{name}"
     launch = time.time()
     grid = tune.Tuner(
-        tune.with_resources(tune.with_parameters(train_driver_fn, meta=meta), {"CPU": 0.2}),
-        param_space={"seed": tune.grid_search([0, 1])},
+        trainable, param_space={"seed": tune.grid_search([0, 1])},
         tune_config=tune.TuneConfig(max_concurrent_trials=2),
         run_config=tune.RunConfig(name=f"{name}-{int(launch)}", storage_path=storage,
-                                  verbose=0)).fit()
+                                  verbose=0, **tune_run_options(meta))).fit()
     return grid, launch
 
 
 def first_step_s(df, launch: float) -> float:
     """Launch → the first training step: the first result minus its epoch's training and
-    evaluation time (a trial's metrics dataframe)."""
+    evaluation time (a trial's metrics dataframe; Tune's timestamps are whole seconds)."""
     return float(df["timestamp"].min() - launch - df["train/seconds"].iloc[0]
                  - df["time/eval_s"].iloc[0])
 
 
+def plain_trial(cfg_path: str, out_path: str) -> None:
+    """The loop as a plain PyTorch script: no Ray, this process, one worker (the loop still
+    writes its checkpoint each epoch, as in a trial). Writes each epoch's metrics with the
+    wall-clock time of its report."""
+    class Timed(LocalRuntime):
+        def report(self, metrics, folder, epoch, unit="epoch"):
+            super().report({**metrics, "timestamp": time.time()}, folder, epoch, unit)
+
+    rt = Timed()
+    train_loop(json.loads(Path(cfg_path).read_text()), rt)
+    Path(out_path).write_text(json.dumps(rt.history, default=str))
+
+
+def two_concurrent_plain_loops(cfg: dict, folder: Path) -> list[tuple[list[dict], float]]:
+    """The same two runs (seeds 0 and 1) as plain scripts started together, each its own
+    Python process (interpreter, imports and all) → [(epoch metrics, launch time)]."""
+    import os
+    import subprocess
+    import sys
+
+    folder.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for seed in (0, 1):
+        cfg_path, out = folder / f"plain-{seed}.json", folder / f"plain-{seed}.out.json"
+        cfg_path.write_text(json.dumps({**cfg, "seed": seed}))
+        out.unlink(missing_ok=True)
+        code = f"from cliptd.bench import plain_trial; plain_trial({str(cfg_path)!r}, " \
+               f"{str(out)!r})"
+        procs.append((subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ)),
+                      out, time.time()))
+    runs = []
+    for proc, out, launch in procs:
+        if proc.wait(timeout=3600) != 0:
+            raise RuntimeError(f"the plain loop exited with {proc.returncode}")
+        runs.append((json.loads(out.read_text()), launch))
+    return runs
+
+
+def _trial_figures(rows: list[dict], launch: float) -> dict:
+    """One trial's (or plain run's) figures from its per-epoch results."""
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    wall = float(df["timestamp"].max() - launch)
+    parts = {"train_s": float(df["train/seconds"].sum()),
+             "eval_s": float(df["time/eval_s"].sum()),
+             "setup_s": float(df["time/setup_s"].dropna().sum())}
+    return {"wall_s": wall, **parts,
+            "first_result_s": float(df["timestamp"].min() - launch),
+            # launch → the first training step: the fixed cost of starting a trial
+            "first_step_s": first_step_s(df, launch),
+            # what is left beyond the loop's own parts: for a trial, Ray's (processes,
+            # worker-group start-up, imports, reporting, checkpoint upload); for the plain
+            # loop, the interpreter's start, its imports and the checkpoint writes
+            "other_s": wall - sum(parts.values()),
+            "train_share": parts["train_s"] / wall,
+            "loop_share": (parts["train_s"] + parts["eval_s"]) / wall}
+
+
+def _summary(trials: list[dict]) -> dict:
+    return {"trials": trials,
+            **{f"{k}_mean": float(np.mean([t[k] for t in trials]))
+               for k in ("wall_s", "train_s", "eval_s", "setup_s", "other_s", "first_step_s",
+                         "train_share", "loop_share")},
+            "first_result_s": min(t["first_result_s"] for t in trials)}
+
+
 def bench_ray(base: dict, args) -> dict:
-    """Ray's overhead: 2 concurrent Tune trials (each a TorchTrainer run) on this machine —
-    the share of each trial's wall time spent in training epochs, and launch → first result;
-    then the same run with 1 and with 2 Ray Train workers (throughput ratio)."""
+    """Ray's overhead, side by side in one run: 2 concurrent Tune trials of each kind
+    (``train``: a 1-worker TorchTrainer; ``light``: the loop in the trial's own process), and
+    the same two runs as plain PyTorch scripts without Ray — the share of each trial's wall
+    time spent in training steps, Ray's seconds per trial, launch → first step and → first
+    result, and trial ÷ plain loop; then the same run on 1 and on 2 Ray Train workers
+    (throughput ratio; ``--no-scaling`` skips it)."""
     import resource
 
     import ray
@@ -155,41 +230,97 @@ def bench_ray(base: dict, args) -> dict:
     init_ray(args)
     storage = str((Path(args.storage_path) / "bench").resolve())
     # a trial as a sweep runs it: epochs before the last evaluate on a fixed sample
-    cfg = {**base, "epochs": args.epochs, "distill": {"method": "cliptd"}, "shots": 0.25,
-           "threads": 1, "eval_limit": 200}
-    grid, launch = two_concurrent_trials(cfg, storage, "ray-overhead")
-    wall = time.time() - launch
-    trials = []
-    for r in grid:
-        df = r.metrics_dataframe
-        trial_wall = float(df["timestamp"].max() - launch)
-        parts = {"train_s": float(df["train/seconds"].sum()),
-                 "eval_s": float(df["time/eval_s"].sum()),
-                 "setup_s": float(df["time/setup_s"].dropna().sum())}
-        trials.append({"wall_s": trial_wall, **parts,
-                       "first_result_s": float(df["timestamp"].min() - launch),
-                       # launch → the first training step: the fixed cost of starting a trial
-                       "first_step_s": first_step_s(df, launch),
-                       # what is left is Ray's: process and worker-group start-up, imports,
-                       # reporting and checkpoint upload
-                       "ray_s": trial_wall - sum(parts.values())})
-    out = {"concurrent_trials": 2, "sweep_wall_s": wall, "trials": trials,
-           "train_share_mean": float(np.mean([t["train_s"] / t["wall_s"] for t in trials])),
-           "loop_share_mean": float(np.mean([(t["train_s"] + t["eval_s"]) / t["wall_s"]
-                                             for t in trials])),
-           "launch_to_first_result_s": min(t["first_result_s"] for t in trials)}
-    speeds = {}
-    for workers in (1, 2):
-        res = make_trainer({**cfg, "epochs": 1}, name=f"scale-{workers}-{int(time.time())}",
-                           storage_path=storage, workers=workers,
-                           cpus_per_worker=2 / workers).fit()
-        speeds[workers] = res.metrics["train/samples_per_s"]
-    out["samples_per_s"] = speeds
-    out["throughput_2_vs_1_workers"] = speeds[2] / speeds[1]
+    cfg = resolve_config({**base, "epochs": args.epochs, "distill": {"method": "cliptd"},
+                          "shots": 0.25, "threads": 1, "eval_limit": 200})
+    out: dict = {"concurrent_trials": 2, "epochs": args.epochs}
+    for kind in args.kinds.split(","):
+        if kind == "plain":
+            runs = two_concurrent_plain_loops(cfg, Path(storage) / "plain")
+            out["plain"] = _summary([_trial_figures(rows, launch) for rows, launch in runs])
+        else:
+            grid, launch = two_concurrent_trials(cfg, storage, f"ray-overhead-{kind}", kind)
+            errors = [r.error for r in grid if r.error is not None]
+            if errors:
+                raise RuntimeError(f"a {kind} trial failed: {errors[0]}")
+            out[kind] = _summary([_trial_figures(r.metrics_dataframe.to_dict("records"),
+                                                 launch) for r in grid])
+        print(f"[bench] {kind}: trial wall {out[kind]['wall_s_mean']:.1f} s", flush=True)
+    if "plain" in out:
+        for kind in ("light", "train"):
+            if kind in out:
+                k, plain = out[kind], out["plain"]
+                k["vs_plain"] = k["wall_s_mean"] / plain["wall_s_mean"]
+                # the same, robust to a machine whose load changes between the runs: this
+                # trial's own loop seconds (measured beside its fixed costs) with the plain
+                # script's fixed costs instead of its own
+                k["vs_plain_same_loop"] = k["wall_s_mean"] / (
+                    k["wall_s_mean"] - k["other_s_mean"] + plain["other_s_mean"])
+                # Ray's own seconds: a trial's time beyond the loop's parts, less the plain
+                # script's (its interpreter, imports and checkpoint writes)
+                k["ray_s_mean"] = k["other_s_mean"] - plain["other_s_mean"]
+    if not args.no_scaling:
+        speeds = {}
+        for workers in (1, 2):
+            res = make_trainer({**cfg, "epochs": 1}, name=f"scale-{workers}-{int(time.time())}",
+                               storage_path=storage, workers=workers,
+                               cpus_per_worker=2 / workers).fit()
+            speeds[workers] = res.metrics["train/samples_per_s"]
+        out["samples_per_s"] = speeds
+        out["throughput_2_vs_1_workers"] = speeds[2] / speeds[1]
     out["driver_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["children_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     ray.shutdown()
     return out
+
+
+def ray_table(res: dict) -> str:
+    """The side-by-side table ``bench ray`` prints (markdown)."""
+    kinds = [k for k in ("light", "train", "plain") if k in res]
+    label = {"light": "light trial (loop in the Tune trial)",
+             "train": "train trial (1-worker TorchTrainer)", "plain": "plain PyTorch script"}
+    rows = [("trial wall time, s (mean of 2)", "wall_s_mean", "{:.1f}"),
+            ("training-step share", "train_share_mean", "{:.0%}"),
+            ("training + evaluation share", "loop_share_mean", "{:.0%}"),
+            ("training / evaluation / set-up, s", None, None),
+            ("beyond the loop's parts, s", "other_s_mean", "{:.1f}"),
+            ("Ray's seconds per trial (beyond the loop, less plain's)", "ray_s_mean", "{:.1f}"),
+            ("launch → first training step, s", "first_step_s_mean", "{:.1f}"),
+            ("launch → first result, s (first of 2)", "first_result_s", "{:.1f}"),
+            ("trial ÷ plain loop", "vs_plain", "{:.2f}"),
+            ("trial ÷ plain loop, the trial's own loop seconds", "vs_plain_same_loop",
+             "{:.2f}")]
+    lines = ["| | " + " | ".join(label[k] for k in kinds) + " |",
+             "| --- |" + " --- |" * len(kinds)]
+    for name, key, fmt in rows:
+        cells = []
+        for k in kinds:
+            r = res[k]
+            if key is None:
+                cells.append(f"{r['train_s_mean']:.1f} / {r['eval_s_mean']:.1f} / "
+                             f"{r['setup_s_mean']:.1f}")
+            else:
+                cells.append(fmt.format(r[key]) if key in r else "—")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _setup_world(args):
+    """The embedded world of ``--budget``, with ``--world-steps`` pre-training steps when
+    given (its own cache entries: a timing benchmark need not wait for a long pre-training)."""
+    if args.world_steps is None:
+        return setup_embedded(args, (args.task,))
+    from dataclasses import replace
+
+    from cliptd.cli.common import world_config
+    from cliptd.core.config import TASKS
+    from cliptd.embedded.world import default_cache_dir, ensure_world
+
+    wc = world_config(args)
+    wc = replace(wc, teacher=replace(wc.teacher, steps=args.world_steps),
+                 student_steps=args.world_steps)
+    world = ensure_world(args.cache or default_cache_dir(), wc, tasks=TASKS,
+                         caches_for=(args.task,))
+    return world, world.teacher_caches
 
 
 def main(argv=None) -> int:
@@ -214,9 +345,17 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help="write the figures here as JSON")
     parser.add_argument("--images", type=int, default=600,
                         help="probe: corpus images to probe (70 %% fit, 30 %% scored)")
+    parser.add_argument("--kinds", default="light,train,plain",
+                        help="ray: which runs to time, in this order (light, train, plain)")
+    parser.add_argument("--no-scaling", action="store_true",
+                        help="ray: skip the 1 vs 2 Ray Train workers run")
+    parser.add_argument("--world-steps", type=int, default=None,
+                        help="pre-training steps of the world's teacher and student (default: "
+                        "the budget's). Timing benchmarks only: the step cost does not "
+                        "depend on how long the models were pre-trained")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    world, caches = setup_embedded(args, (args.task,))
+    world, caches = _setup_world(args)
     base = {"task": args.task, "data": str(world.data[args.task]),
             "student": str(world.student), "teacher_cache": str(caches[args.task]),
             "preset": "synthetic"}
@@ -228,11 +367,12 @@ def main(argv=None) -> int:
     elif args.what == "ray":
         res = bench_ray(base, args)
         print(json.dumps(res, indent=2))
-        print(f"\ntraining share of trial wall time (2 concurrent trials): "
-              f"{res['train_share_mean']:.0%} (training + evaluation "
-              f"{res['loop_share_mean']:.0%}); launch → first result "
-              f"{res['launch_to_first_result_s']:.1f} s; 2 vs 1 workers throughput "
-              f"{res['throughput_2_vs_1_workers']:.2f}x")
+        print(f"\n2 concurrent runs of each kind, {args.epochs} epochs, 25 % VCR "
+              f"(Tune timestamps are whole seconds):\n")
+        print(ray_table(res))
+        if "throughput_2_vs_1_workers" in res:
+            print(f"\n2 vs 1 Ray Train workers throughput "
+                  f"{res['throughput_2_vs_1_workers']:.2f}x")
     elif args.what == "step":
         res = bench_step(base, world.teacher, args.steps, args.batch_size)
         print(json.dumps(res, indent=2))

@@ -8,9 +8,12 @@
     python -m cliptd.tune --task vcr --tracking-uri http://127.0.0.1:5000 \
         --storage-path s3://bucket/cliptd --workers 2 --gpus-per-worker 1   # on a cluster
 
-Each trial is a function (``train_driver_fn``) that launches a Ray Train ``TorchTrainer``
-(the same run ``python -m cliptd.train`` does) and reports through ``TuneReportCallback``. Every trial
-is one MLflow child run under the sweep's parent run, found again by its trial id.
+Each trial is a function (``train_driver_fn``). With one worker it trains in its own process
+(``--trial-kind light``, the default for ``--workers 1``: Tune checkpoints, ``tune.report``,
+Tune's restarts, no Ray Train processes); otherwise it launches a Ray Train ``TorchTrainer``
+(the same run ``python -m cliptd.train`` does) and reports through ``TuneReportCallback``
+(``--trial-kind train``). Every trial is one MLflow child run under the sweep's parent run,
+found again by its trial id.
 
 Every search (and every seed re-run job) is its own ``Tuner``, run as a Ray task; as many run
 at once as the cluster has trial slots, so one search's early-stopped trials leave no slot
@@ -46,7 +49,7 @@ from cliptd.core.config import PRIMARY_METRIC, resolve_config
 from cliptd.core.env import package_versions
 from cliptd.core.errors import DataError, SweepError
 from cliptd.core.invocation import prog
-from cliptd.sweep.driver import condition_name
+from cliptd.sweep.driver import TRIAL_KINDS, condition_name, trial_kind
 from cliptd.sweep.plan import plan_resources, run_jobs
 from cliptd.sweep.space import SpaceError, apply_sample, describe, load_space
 from cliptd.tracking.table import (
@@ -130,6 +133,10 @@ def main(argv=None) -> int:
                         help="trials per search (overrides the budget's num_samples)")
     parser.add_argument("--out", type=Path, help="local output folder (default runs/<name>)")
     add_data_args(parser)
+    parser.add_argument("--trial-kind", choices=TRIAL_KINDS, default="auto",
+                        help="light: a one-worker trial trains in its own Tune process; "
+                        "train: every trial fits a Ray Train TorchTrainer; auto (default): "
+                        "light for --workers 1, else train")
     args = parser.parse_args(argv)
     start = time.time()
     try:
@@ -146,7 +153,8 @@ def main(argv=None) -> int:
         for m in methods:
             if m not in space.methods:
                 raise SpaceError(f"--methods: {m!r} is not in {space.path}'s methods")
-    except SpaceError as exc:
+        kind = trial_kind(args.trial_kind, args.workers)
+    except (SpaceError, SweepError) as exc:
         die(str(exc))
     from cliptd.tracking import runs as tracking
 
@@ -188,7 +196,8 @@ def main(argv=None) -> int:
             "parent_run_id": parent, "storage_path": args.storage_path,
             "workers": args.workers, "gpus_per_worker": args.gpus_per_worker,
             "cpus_per_worker": resources["cpus_per_worker"], "max_failures": args.max_failures,
-            "searcher_seed": args.searcher_seed, "versions": versions, "epochs": budget.epochs}
+            "searcher_seed": args.searcher_seed, "versions": versions, "epochs": budget.epochs,
+            "trial_kind": kind}
     c = tracking.client(uri)
     tracking.patiently(lambda: c.log_dict(parent, {
         "space": str(space.path), "budget": vars(budget), "resources": resources,
@@ -196,7 +205,8 @@ def main(argv=None) -> int:
             k: str(v) for k, v in vars(args).items()}}, "sweep.json"), "logging sweep.json")
     print(f"[cliptd] sweep {name}: {len(space.conditions())} condition(s) × {len(methods)} "
           f"method(s), {budget.num_samples} trials each, then {budget.seeds} seed(s); "
-          f"{resources['concurrency']} trial(s) at once, {args.workers} worker(s) each")
+          f"{resources['concurrency']} trial(s) at once, {args.workers} worker(s) each "
+          f"({kind} trials)")
     study_url = f"sqlite:///{out / 'optuna.db'}"  # every search's Optuna study
     jobs = []
     for shots, preset in space.conditions():

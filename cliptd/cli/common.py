@@ -53,7 +53,8 @@ def add_launch_args(parser: argparse.ArgumentParser, *, max_failures: int = 1,
     parser.add_argument("--cpus-per-worker", type=float, default=cpus_per_worker)
     parser.add_argument("--address", default=None, help="Ray cluster address (default: local)")
     parser.add_argument("--max-failures", type=int, default=max_failures,
-                        help="Ray Train restarts per run (worker failures)")
+                        help="restarts per run after a worker failure (Ray Train's; Tune's "
+                        "for a light sweep trial, whose worker is the trial)")
 
 
 def add_world_args(parser: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ import math
 
 from cliptd.core.config import resolve_config
 from cliptd.core.errors import SweepError
-from cliptd.sweep.driver import train_driver_fn
+from cliptd.sweep.driver import train_driver_fn, trial_resources, tune_run_options
 from cliptd.sweep.records import close_runs, mark_compared
 from cliptd.sweep.space import to_tune
 
@@ -16,7 +16,8 @@ def run_tuner(name: str, storage: str, param_space: dict, tune_config, resources
     import ray.tune
 
     trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(train_driver_fn, meta=meta), resources["driver"])
+        ray.tune.with_parameters(train_driver_fn, meta=meta),
+        trial_resources(meta, resources["driver"]))
     # Tune registers trainables by name, cluster-wide per job: the sweep's jobs run at once,
     # so each needs its own name or one job's trials would run with another's ``meta``.
     trainable.__name__ = f"train_driver_fn_{meta['phase']}_{meta['condition']}_{meta['method']}"
@@ -29,7 +30,7 @@ def run_tuner(name: str, storage: str, param_space: dict, tune_config, resources
         tuner = ray.tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
                                run_config=ray.tune.RunConfig(
                                    name=name, storage_path=storage, verbose=1,
-                                   failure_config=ray.tune.FailureConfig(max_failures=1)))
+                                   **tune_run_options(meta)))
     return tuner.fit()
 
 

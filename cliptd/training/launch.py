@@ -1,9 +1,11 @@
-"""Launching a run on Ray Train: the ``TorchTrainer`` of one run and the workers' entry point.
+"""Launching a run: the ``TorchTrainer`` of one run and the workers' entry point, or the loop
+inside a Tune trial itself (the light path of a one-worker sweep trial).
 
 Kept apart from the loops so that the processes which only *launch* a run (the sweep
 driver, each Tune trial driver, Ray Train's controller) never import torch models,
 transformers or the data pipeline: on a 2-core machine each of those imports costs seconds
-per process per trial. Only the Train workers import ``cliptd.training.loop``.
+per process per trial. Only the processes that train (Train workers, light Tune trials)
+import ``cliptd.training.loop``, inside the entry points below.
 """
 
 from __future__ import annotations
@@ -17,6 +19,15 @@ def train_fn_per_worker(config: dict) -> None:
     from cliptd.training.runtime import RayRuntime
 
     train_loop(config, RayRuntime())
+
+
+def train_in_tune_trial(config: dict) -> None:
+    """The loop in this Tune trial's own process (``cliptd.sweep.driver``'s light path): one
+    worker, Tune checkpoints and ``ray.tune.report``, restarts by Tune's FailureConfig."""
+    from cliptd.training.loop import train_loop
+    from cliptd.training.runtime import TuneRuntime
+
+    train_loop(config, TuneRuntime())
 
 
 def pretrain_fn_per_worker(config: dict) -> None:

@@ -2,7 +2,9 @@
 
 Both loops (fine-tuning, ``cliptd.training.loop``; pre-training,
 ``cliptd.training.pretrain_loop``) talk to a ``Runtime``: Ray Train workers
-(``RayRuntime``) or this process (``LocalRuntime``). Beside rank, device and DDP wrapping,
+(``RayRuntime``), a Tune trial that trains in its own process (``TuneRuntime``: the light
+path of a one-worker sweep trial, ``cliptd.sweep.driver``) or this process
+(``LocalRuntime``). Beside rank, device and DDP wrapping,
 the runtime owns the pieces the loops share: resuming from the latest checkpoint, the
 rank-0 MLflow logger, a rank-0 checkpoint written with each report, and the fault
 injection the fault-tolerance tests use.
@@ -111,6 +113,46 @@ class RayRuntime(Runtime):
                ) -> None:
         ckpt = self._train.Checkpoint.from_directory(folder) if folder else None
         self._train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"{unit}-{epoch:03d}")
+
+
+class TuneRuntime(Runtime):
+    """One worker inside the Tune trial itself: no Train controller, worker group or
+    process group. Checkpoints are the trial's Tune checkpoints (on its storage path, what
+    ``ray.tune.get_checkpoint`` hands back after a restart or a restored sweep), reports are
+    ``ray.tune.report``; rank 0 of 1, on the GPU Tune gave the trial, if any."""
+
+    def __init__(self):
+        import ray.tune
+
+        self._tune = ray.tune
+        self.rank, self.world, self.nodes = 0, 1, 1
+        # Tune sets CUDA_VISIBLE_DEVICES to the trial's GPU: it is device 0 here
+        self.device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
+    def prepare_model(self, model):
+        # what Ray Train's prepare_model does for a world of one: no DDP, just the device
+        return model.to(self.device)
+
+    def prepare_loader(self, loader):
+        return loader  # Ray Train's prepare_data_loader leaves a world of one's loader as is
+
+    @contextmanager
+    def latest_checkpoint(self):
+        ckpt = self._tune.get_checkpoint()
+        if ckpt is None:
+            yield None
+        else:
+            with ckpt.as_directory() as d:
+                yield Path(d)
+
+    def report(self, metrics: dict, folder: Path | None, epoch: int, unit: str = "epoch"
+               ) -> None:
+        # Tune copies the folder to the trial's storage before report returns (and names
+        # it checkpoint_<index>); the epoch travels in the metrics and in checkpoint.pt
+        ckpt = self._tune.Checkpoint.from_directory(folder) if folder else None
+        self._tune.report(metrics, checkpoint=ckpt)
 
 
 class LocalRuntime(Runtime):

@@ -1,6 +1,7 @@
 """End to end: the real ``python -m cliptd.tune`` CLI on a tiny embedded world — what lands
 in MLflow (one run per trial, with the metric and the searched params), and a sweep whose
-driver is SIGKILLed mid-sweep, then completed by ``--resume``."""
+driver is SIGKILLed mid-sweep, then completed by ``--resume``; each for both kinds of trial
+(light: the loop in the Tune trial; train: a one-worker TorchTrainer)."""
 
 from __future__ import annotations
 
@@ -37,8 +38,13 @@ def _trial_runs(tmp: Path):
         [r for r in runs if r.data.tags.get("cliptd.kind") == "trial"]
 
 
-def test_tune_cli_records_every_trial(tmp_path, world_cache):
-    cmd, env = _cmd(tmp_path, world_cache, "--methods", "none,cliptd", "--name", "e2e")
+KINDS = pytest.mark.parametrize("kind", ["light", "train"])
+
+
+@KINDS
+def test_tune_cli_records_every_trial(tmp_path, world_cache, kind):
+    cmd, env = _cmd(tmp_path, world_cache, "--methods", "none,cliptd", "--name", "e2e",
+                    "--trial-kind", kind)
     proc = run_cli(cmd, env, tmp_path, 720, tmp_path / "tune.log")
     assert proc.returncode == 0, proc.stdout[-4000:]
     out = proc.stdout
@@ -71,6 +77,7 @@ def test_tune_cli_records_every_trial(tmp_path, world_cache):
         assert {"task", "shots", "method", "seed"} <= set(r.data.tags)
         assert "distill.method" in r.data.params and "lr" in r.data.params
         assert r.data.params["versions.ray"] == "2.60.0"
+        assert r.data.tags["trial_kind"] == kind
     for r in search:
         if r.data.tags["method"] == "cliptd":  # the searched knobs are recorded as params
             assert {"distill.select_ratio_v", "distill.weighting", "distill.lam"} <= set(
@@ -79,8 +86,10 @@ def test_tune_cli_records_every_trial(tmp_path, world_cache):
     assert (tmp_path / "out" / "comparison.md").read_text().count("|") > 10
 
 
-def test_driver_sigkill_then_resume(tmp_path, world_cache):
-    cmd, env = _cmd(tmp_path, world_cache, "--methods", "cliptd", "--name", "killed")
+@KINDS
+def test_driver_sigkill_then_resume(tmp_path, world_cache, kind):
+    cmd, env = _cmd(tmp_path, world_cache, "--methods", "cliptd", "--name", "killed",
+                    "--trial-kind", kind)
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 900
@@ -101,7 +110,7 @@ def test_driver_sigkill_then_resume(tmp_path, world_cache):
     subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"],
                    capture_output=True, timeout=120)
     cmd, env = _cmd(tmp_path, world_cache, "--methods", "cliptd", "--name", "killed",
-                    "--resume")
+                    "--trial-kind", kind, "--resume")
     done = run_cli(cmd, env, tmp_path, 600, tmp_path / "resume.log")
     assert done.returncode == 0, done.stdout[-4000:]
     assert "resuming" in done.stdout
@@ -115,6 +124,7 @@ def test_driver_sigkill_then_resume(tmp_path, world_cache):
         steps = [m.step for m in history]
         assert len(steps) == len(set(steps)), f"epochs logged twice: {steps}"
         assert r.info.status == "FINISHED"
+        assert r.data.tags["trial_kind"] == kind
     import optuna
 
     study = optuna.load_study(study_name="killed-synthetic-shots0.05-cliptd",
