@@ -115,6 +115,11 @@ def setup_embedded(args, tasks) -> tuple:
 
 
 LOCAL_RAY_HOST = "127.0.0.2"
+# What a command's environment decides for the processes it starts on a cluster. Host
+# paths (CLIPTD_TRACKING_BUFFER, CLIPTD_CACHE) stay each node's own.
+CLUSTER_ENV = ("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+               "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "MLFLOW_DISABLE_TELEMETRY",
+               "TOKENIZERS_PARALLELISM", "CLIPTD_TRACKING_PATIENCE_S")
 
 
 def init_ray(args, **kwargs) -> None:
@@ -128,6 +133,12 @@ def init_ray(args, **kwargs) -> None:
     if address and address == os.environ.get("CLIPTD_LOCAL_RAY"):
         address = None  # inherited from a cliptd command's own local instance, not a cluster
     if address:
+        # The settings this process relies on reach the cluster's processes too (trial
+        # drivers, Train controllers, workers start from their node's raylet, not from
+        # here): merged into the job's runtime env (``ray job submit`` keeps its own).
+        env = {k: os.environ[k] for k in CLUSTER_ENV if k in os.environ}
+        if env and "runtime_env" not in kwargs:
+            kwargs["runtime_env"] = {"env_vars": env}
         ray.init(address=address, **kwargs)
         return
     # One local node cannot be preempted, so Ray Train's per-run preemption watcher (an
