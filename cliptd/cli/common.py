@@ -137,6 +137,12 @@ def init_ray(args, **kwargs) -> None:
         # drivers, Train controllers, workers start from their node's raylet, not from
         # here): merged into the job's runtime env (``ray job submit`` keeps its own).
         env = {k: os.environ[k] for k in CLUSTER_ENV if k in os.environ}
+        # Ray's own helpers there (Train V2's placement-group cleaner) look for "their"
+        # cluster through RAY_ADDRESS, else by scanning their machine's processes, which
+        # fails where another Ray instance runs beside the node
+        gcs = _gcs_address(address)
+        if gcs:
+            env["RAY_ADDRESS"] = gcs
         if env and "runtime_env" not in kwargs:
             kwargs["runtime_env"] = {"env_vars": env}
         ray.init(address=address, **kwargs)
@@ -159,6 +165,19 @@ def init_ray(args, **kwargs) -> None:
     # dashboard process also serves the state API that Train V2's controller polls.
     ray.init(address="local", _node_ip_address=LOCAL_RAY_HOST, dashboard_host="127.0.0.1",
              **kwargs)
+
+
+def _gcs_address(address: str) -> str | None:
+    """The GCS address ``ray.init(address)`` will join (``auto`` and ``host:port``
+    resolved as Ray resolves them), None for a Ray Client address or when unresolvable."""
+    if address.startswith(("ray://", "http://", "https://")):
+        return None
+    try:
+        from ray._private.services import canonicalize_bootstrap_address_or_die
+
+        return canonicalize_bootstrap_address_or_die(address)
+    except Exception:  # noqa: BLE001 - ray.init then reports what is wrong with it
+        return None
 
 
 def _free_port(host: str) -> int:

@@ -198,3 +198,26 @@ def test_scale_for_asks_the_autoscaler_and_waits(monkeypatch):
     nodes[:] = [[]]
     with pytest.raises(Exception, match="did not provide one trial's resources within 0 s"):
         sweep_plan.scale_for(plan, timeout_s=0, poll_s=0.01, log=lines.append)
+
+
+def test_joining_a_cluster_passes_its_address_and_settings_to_its_processes(monkeypatch):
+    """The trial drivers, Train controllers and workers start from their node's raylet:
+    what they must know (the GCS address for Train's helpers, the worker-group timeout)
+    goes in the job's runtime env."""
+    import types
+
+    import ray
+
+    from cliptd.cli.common import init_ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "900")
+    monkeypatch.delenv("CLIPTD_LOCAL_RAY", raising=False)
+    init_ray(types.SimpleNamespace(address="10.231.0.1:6379"))
+    env = calls[0]["runtime_env"]["env_vars"]
+    assert calls[0]["address"] == "10.231.0.1:6379"
+    assert env["RAY_ADDRESS"] == "10.231.0.1:6379"
+    assert env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] == "900"
+    assert "CLIPTD_TRACKING_BUFFER" not in env  # a host path stays each node's own
