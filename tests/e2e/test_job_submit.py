@@ -52,7 +52,8 @@ def head(tmp_path, world_cache):
                 # what ~/.cliptd_env gives every node of clusters/*.yaml
                 "CLIPTD_STORAGE_PATH": str(tmp_path / "storage"),
                 "CLIPTD_CACHE": str(world_cache),
-                "CLIPTD_TRACKING_BUFFER": str(tmp_path / "buffer")})
+                "CLIPTD_TRACKING_BUFFER": str(tmp_path / "buffer"),
+                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     host = _netns.Hosts(single=True)
     try:
         host.start("head", [str(Path(py).with_name("mlflow")), "server",

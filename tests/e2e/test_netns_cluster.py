@@ -92,7 +92,9 @@ def cluster(tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()
     try:
-        head_env = {**env, "CLIPTD_TRACKING_BUFFER": str(buffers["head"])}
+        head_env = {**env, "CLIPTD_TRACKING_BUFFER": str(buffers["head"]),
+                    # no job-runner consumers beside the server: SIGTERM ends it whole
+                    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         # MLflow exactly as the cluster files start it: the head's loopback only
         hosts.start("head", [str(Path(py).with_name("mlflow")), "server",
                              "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
@@ -198,7 +200,8 @@ for r in c.search_runs([exp.experiment_id], filter_string="tags.`cliptd.kind` = 
 ray.init(address=sys.argv[1], log_to_driver=False)
 ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
 workers = [ips.get(a["node_id"]) for a in list_actors(
-    filters=[("class_name", "=", "RayTrainWorker")], limit=1000, detail=True)]
+    address="http://127.0.0.1:8265", filters=[("class_name", "=", "RayTrainWorker")],
+    limit=1000, detail=True)]
 print("CHECK " + json.dumps({"runs": runs, "train_worker_ips": workers}))
 ''')
     res = hosts.run("head", [py, str(check), cluster["address"]], env, timeout=120)
