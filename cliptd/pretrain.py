@@ -107,7 +107,7 @@ def main(argv=None) -> int:
                            gpus_per_worker=args.gpus_per_worker,
                            cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures,
                            train_fn=pretrain_fn_per_worker, keep_checkpoints=1,
-                           score_attribute=None)
+                           score_attribute=None, step_key="step")
     try:
         result = trainer.fit()
     except TrainingFailedError as exc:
@@ -115,6 +115,7 @@ def main(argv=None) -> int:
         die(f"pre-training failed after {args.max_failures} restart(s): "
             f"{str(exc).splitlines()[0]} (checkpoints: {storage}/{name}; rerun with --name "
             f"{name} to resume)", code=1)
+    tracking.replay_buffer(uri, run_id)  # what Train's controller could not send yet
     with result.checkpoint.as_directory() as d:
         out = export_pretrained(Path(d), args.out)
     c.log_artifact(run_id, str(out / "pretrain.json"))

@@ -110,7 +110,7 @@ def main(argv=None) -> int:
         die(f"training failed after {args.max_failures} restart(s): "
             f"{str(exc).splitlines()[0]} (logs and checkpoints: {storage}/{name}; "
             f"rerun with --name {name} to resume)", code=1)
-    # what the worker's logger could not send before its process ended, and any epoch
+    # what Train's controller could not send before the run ended, and any epoch
     # only Ray recorded, before the run is closed
     tracking.replay_buffer(uri, run_id)
     tracking.backfill(uri, run_id, result.metrics_dataframe.to_dict("records")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,7 +51,7 @@ from cliptd.core.env import package_versions
 from cliptd.core.errors import DataError, SweepError
 from cliptd.core.invocation import prog
 from cliptd.sweep.driver import TRIAL_KINDS, condition_name, trial_kind
-from cliptd.sweep.plan import plan_resources, run_jobs
+from cliptd.sweep.plan import plan_resources, release_scale_request, run_jobs, scale_for
 from cliptd.sweep.space import SpaceError, apply_sample, describe, load_space
 from cliptd.tracking.table import (
     comparison_rows,
@@ -183,6 +184,8 @@ def main(argv=None) -> int:
     tracking.fail_fast(timeout_s=30)
     try:
         resources = plan_resources(args, budget)
+        # GPU nodes at zero on an autoscaling cluster: ask for them, wait for one trial's
+        scale_for(resources, timeout_s=float(os.environ.get("CLIPTD_SCALE_TIMEOUT_S", 1800)))
     except SweepError as exc:
         die(str(exc))
     versions = package_versions()
@@ -253,6 +256,8 @@ def main(argv=None) -> int:
         run_jobs(jobs, resources, on_done)
     except SweepError as exc:
         die(str(exc))
+    finally:
+        release_scale_request(resources)
     order = {(j["condition"], j["method"]): i for i, j in enumerate(jobs)}
     summary.sort(key=lambda s: order[(s["condition"], s["method"])])
     primary = PRIMARY_METRIC[args.task]

@@ -116,6 +116,11 @@ def setup_embedded(args, tasks) -> tuple:
 
 
 LOCAL_RAY_HOST = "127.0.0.2"
+# What a command's environment decides for the processes it starts on a cluster. Host
+# paths (CLIPTD_TRACKING_BUFFER, CLIPTD_CACHE) stay each node's own.
+CLUSTER_ENV = ("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+               "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "MLFLOW_DISABLE_TELEMETRY",
+               "TOKENIZERS_PARALLELISM", "CLIPTD_TRACKING_PATIENCE_S")
 
 
 def init_ray(args, **kwargs) -> None:
@@ -129,6 +134,18 @@ def init_ray(args, **kwargs) -> None:
     if address and address == os.environ.get("CLIPTD_LOCAL_RAY"):
         address = None  # inherited from a cliptd command's own local instance, not a cluster
     if address:
+        # The settings this process relies on reach the cluster's processes too (trial
+        # drivers, Train controllers, workers start from their node's raylet, not from
+        # here): merged into the job's runtime env (``ray job submit`` keeps its own).
+        env = {k: os.environ[k] for k in CLUSTER_ENV if k in os.environ}
+        # Ray's own helpers there (Train V2's placement-group cleaner) look for "their"
+        # cluster through RAY_ADDRESS, else by scanning their machine's processes, which
+        # fails where another Ray instance runs beside the node
+        gcs = _gcs_address(address)
+        if gcs:
+            env["RAY_ADDRESS"] = gcs
+        if env and "runtime_env" not in kwargs:
+            kwargs["runtime_env"] = {"env_vars": env}
         ray.init(address=address, **kwargs)
         return
     # One local node cannot be preempted, so Ray Train's per-run preemption watcher (an
@@ -149,6 +166,19 @@ def init_ray(args, **kwargs) -> None:
     # dashboard process also serves the state API that Train V2's controller polls.
     ray.init(address="local", _node_ip_address=LOCAL_RAY_HOST, dashboard_host="127.0.0.1",
              **kwargs)
+
+
+def _gcs_address(address: str) -> str | None:
+    """The GCS address ``ray.init(address)`` will join (``auto`` and ``host:port``
+    resolved as Ray resolves them), None for a Ray Client address or when unresolvable."""
+    if address.startswith(("ray://", "http://", "https://")):
+        return None
+    try:
+        from ray._private.services import canonicalize_bootstrap_address_or_die
+
+        return canonicalize_bootstrap_address_or_die(address)
+    except Exception:  # noqa: BLE001 - ray.init then reports what is wrong with it
+        return None
 
 
 def _free_port(host: str) -> int:

@@ -113,6 +113,9 @@ DEFAULT_CONFIG = {
     "eval_limit": 0,  # epochs before the last evaluate on a fixed sample of this many (0: all)
     "seed": 0,
     "threads": 0,  # torch intra-op threads per worker (0: torch's default)
+    # DataLoader worker processes decoding and resizing images beside each Train worker
+    # (-1: one per CPU the worker holds beyond the one its training process uses)
+    "loader_workers": -1,
     "tracking": None,  # {"uri":..., "run_id":...}: rank 0 logs per-epoch metrics to MLflow
     "fault": None,  # {"exit_at_step": n, "marker": path}: fault injection for tests
 }

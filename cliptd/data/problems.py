@@ -135,9 +135,13 @@ class Collator:
     """problems → batch dict. ``teacher`` maps problem key → cached targets (optional)."""
 
     def __init__(self, tokenizer, images: ImageStore, *, max_length: int = 64,
-                 num_outputs: int = 0, teacher: dict | None = None):
+                 num_outputs: int = 0, teacher: dict | None = None,
+                 uint8_images: bool = False):
         self.tokenizer, self.images, self.max_length = tokenizer, images, max_length
         self.num_outputs, self.teacher = num_outputs, teacher
+        # images as decoded (uint8): a quarter of the bytes from a loader worker to the
+        # training process and on to the GPU; ``cliptd.training.run.to_device`` scales them
+        self.uint8_images = uint8_images
 
     def __call__(self, problems: list[Problem]) -> dict:
         size = self.images.size
@@ -159,7 +163,9 @@ class Collator:
             boxes[v, : len(p.boxes)] = resize_boxes(torch.from_numpy(p.boxes), p.width,
                                                     p.height, size)
             region_mask[v, : len(p.boxes)] = True
-        images = torch.stack([self.images.get(p.image) for p in visual]).float() / 255
+        images = torch.stack([self.images.get(p.image) for p in visual])
+        if not self.uint8_images:
+            images = images.float() / 255
         firsts, seconds, meta = [], [], []
         for b, p in enumerate(problems):
             for c, (words, regs) in enumerate(p.candidates or [([], [])]):

@@ -95,13 +95,16 @@ def train_driver_fn(config: dict, meta: dict) -> None:
         # the server away when a trial starts: the trial waits for it (the trials already
         # running keep training, their metrics buffered), logging the gap
         tracking.fail_fast(timeout_s=30)
-        run_id, _ = tracking.patiently(lambda: tracking.find_or_create_trial_run(
+        tracking.patiently(lambda: tracking.find_or_create_trial_run(
             meta["tracking_uri"], meta["experiment_id"], meta["parent_run_id"], trial_id,
             name=f"{meta['condition']}/{cfg['distill']['method']}/{ctx.get_trial_name()}",
             tags=tags, params={**cfg, "searcher_seed": meta["searcher_seed"],
                                "versions": meta["versions"]}, dataset=cfg),
             f"opening the MLflow run of trial {trial_id}")
-        cfg["tracking"] = {"uri": meta["tracking_uri"], "run_id": run_id}
+        # the workers log nothing themselves: on a cluster they cannot reach a server on
+        # the head's loopback; the search's own process (on the head) logs every result
+        # it receives (cliptd.sweep.live)
+        cfg["tracking"] = None
     if kind_of(meta) == "light":
         from cliptd.training.launch import train_in_tune_trial
 

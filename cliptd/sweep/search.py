@@ -11,6 +11,16 @@ from cliptd.sweep.records import close_runs, mark_compared
 from cliptd.sweep.space import to_tune
 
 
+def live_tracking(meta: dict) -> list:
+    """The callback that logs every trial's results to MLflow from this process (on the
+    head), as they arrive (``cliptd.sweep.live``)."""
+    if not meta.get("tracking_uri"):
+        return []
+    from cliptd.sweep.live import LiveTracking
+
+    return [LiveTracking(meta)]
+
+
 def run_tuner(name: str, storage: str, param_space: dict, tune_config, resources: dict,
               meta: dict, resume: bool):
     import ray.tune
@@ -30,7 +40,7 @@ def run_tuner(name: str, storage: str, param_space: dict, tune_config, resources
         tuner = ray.tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
                                run_config=ray.tune.RunConfig(
                                    name=name, storage_path=storage, verbose=1,
-                                   **tune_run_options(meta)))
+                                   callbacks=live_tracking(meta), **tune_run_options(meta)))
     return tuner.fit()
 
 

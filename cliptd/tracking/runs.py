@@ -412,7 +412,55 @@ def replay_buffer(uri: str, run_id: str, buffer_dir: str | None = None) -> int:
 # Tune's own keys in a trial's results, not the loop's metrics
 _RAY_KEYS = {"timestamp", "checkpoint_dir_name", "should_checkpoint", "done",
              "training_iteration", "trial_id", "date", "time_this_iter_s", "time_total_s",
-             "pid", "hostname", "node_ip", "time_since_restore", "iterations_since_restore"}
+             "pid", "hostname", "node_ip", "time_since_restore", "iterations_since_restore",
+             "timesteps_total", "episodes_total", "timesteps_since_restore", "warmup_time",
+             "experiment_tag", "checkpoint_path"}
+
+
+def result_metrics(row: dict) -> dict[str, float]:
+    """The loop's own numeric metrics in one reported result (Ray's and Tune's keys, the
+    config and anything not a number left out)."""
+    row = {k: v.item() if hasattr(v, "item") else v for k, v in row.items()}  # numpy
+    return {k: float(v) for k, v in row.items()
+            if k not in _RAY_KEYS and not k.startswith("config/")
+            and isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
+
+
+class ResultLogger:
+    """A run's results logged by the process that *receives* them, once per step.
+
+    On a cluster the Train workers sit on GPU nodes, where the tracking URI the user gave
+    (the head's ``http://127.0.0.1:5000``, MLflow behind an SSH tunnel) is not the server;
+    every report, though, reaches a process on the head: Tune's trial runner
+    (``cliptd.sweep.live``) and Ray Train's controller (``cliptd.training.live``, on the
+    node of the process that called ``fit``). They log here: buffered while the server is
+    away (``RunLogger``), each ``step_key`` value once, even when a restarted run reports
+    an epoch again (the steps already in MLflow or buffered are read at the first result).
+    """
+
+    def __init__(self, uri: str, run_id: str, step_key: str = "epoch",
+                 buffer_dir: str | None = None):
+        self.run_id, self.step_key = run_id, step_key
+        self.logger = RunLogger(uri, run_id, buffer_dir)
+        self._logged: set[int] | None = None
+
+    def log(self, result: dict) -> bool:
+        """Log one reported result at its step; False when it has none or was logged."""
+        step = result.get(self.step_key)
+        if hasattr(step, "item"):
+            step = step.item()
+        if not isinstance(step, (int, float)) or isinstance(step, bool) or step != step:
+            return False
+        if self._logged is None:
+            self._logged = self.logger.logged_steps(self.step_key)
+        if int(step) in self._logged:
+            return False
+        self.logger.log_metrics(result_metrics(result), step=int(step))
+        self._logged.add(int(step))
+        return True
+
+    def flush(self) -> bool:
+        return self.logger.flush()
 
 
 def backfill(uri: str, run_id: str, results: list[dict]) -> int:
@@ -431,10 +479,8 @@ def backfill(uri: str, run_id: str, results: list[dict]) -> int:
         if not isinstance(epoch, (int, float)) or epoch != epoch or int(epoch) in have:
             continue
         ts = int(float(row.get("timestamp") or time.time()) * 1000)
-        metrics = [Metric(k, float(v), ts, int(epoch)) for k, v in row.items()
-                   if k not in _RAY_KEYS and not k.startswith("config/")
-                   and isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
-                   and valid_metric_name(k, run_id, refused)]
+        metrics = [Metric(k, v, ts, int(epoch)) for k, v in result_metrics(row).items()
+                   if valid_metric_name(k, run_id, refused)]
         for i in range(0, len(metrics), 500):
             c.log_batch(run_id, metrics=metrics[i: i + 500])
         have.add(int(epoch))

@@ -41,12 +41,22 @@ def pretrain_fn_per_worker(config: dict) -> None:
 def make_trainer(cfg: dict, *, name: str, storage_path: str, workers: int = 1,
                  gpus_per_worker: float = 0, cpus_per_worker: float = 1, max_failures: int = 0,
                  keep_checkpoints: int = 2, callbacks=None, timeout_s: int = 120,
-                 train_fn=train_fn_per_worker, score_attribute: str | None = "score"):
+                 train_fn=train_fn_per_worker, score_attribute: str | None = "score",
+                 step_key: str = "epoch"):
     """A TorchTrainer for one run; relaunching with the same (storage_path, name) resumes.
     Checkpoints kept: the best ``keep_checkpoints`` by ``score_attribute`` (None: the
-    latest)."""
+    latest). A run config that names a tracking run (``cfg["tracking"]``) is logged, at
+    each report's ``step_key``, by Train's controller on this node (``cliptd.training.live``),
+    not by the workers, which get the config without it."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    callbacks = list(callbacks or [])
+    if cfg.get("tracking"):
+        from cliptd.training.live import TrackingCallback
+
+        callbacks.append(TrackingCallback(cfg["tracking"], step_key=step_key))
+        cfg = {**cfg, "tracking": None}
 
     use_gpu = gpus_per_worker > 0
     resources = {"CPU": cpus_per_worker}
@@ -64,5 +74,5 @@ def make_trainer(cfg: dict, *, name: str, storage_path: str, workers: int = 1,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=keep_checkpoints, checkpoint_score_attribute=score_attribute,
                 checkpoint_score_order="max"),
-            callbacks=callbacks or []),
+            callbacks=callbacks),
     )

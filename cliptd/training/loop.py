@@ -9,10 +9,12 @@ self-describing checkpoint per epoch and exact resume from the latest one, rank-
 
 from __future__ import annotations
 
+import copy
+import os
 import time
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 
 from cliptd.core.config import PRIMARY_METRIC, resolve_config
 from cliptd.core.env import peak_rss_mb
@@ -30,12 +32,35 @@ from cliptd.training.run import build_run, evaluate, to_device
 COST_INSTANCES = 32  # eval problems the end-of-run inference-cost measurement forwards
 
 
+class PassShuffle(RandomSampler):
+    """A new permutation per pass, drawn from the loader's generator once, when the pass
+    starts. ``RandomSampler`` draws one more at the end of a pass that is read to its end,
+    and loader workers read ahead (to its end or not, by timing): the shuffles, and so the
+    results, would depend on how many workers there are."""
+
+    def __iter__(self):
+        return iter(torch.randperm(len(self.data_source), generator=self.generator).tolist())
+
+
+def _uint8_images(collate):
+    """The training collator, its images left uint8 (scaled on the device, ``to_device``)."""
+    out = copy.copy(collate)
+    out.uint8_images = True
+    return out
+
+
 def epoch_batches(loader, n_batches: int, epoch: int):
     """``n_batches`` batches, cycling the loader (a new shuffle per pass) when it is shorter."""
     done, rep = 0, 0
     while done < n_batches:
         if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch * 1000 + rep)  # DistributedSampler's shuffle seed
+        if getattr(loader, "persistent_workers", False) and loader.generator is not None \
+                and getattr(loader, "_iterator", None) is not None:
+            # Every new pass of a loader draws its workers' base seed from its generator,
+            # except one whose persistent workers are reused: drawn here, so the shuffles
+            # (and so the results) are the same with and without loader workers
+            torch.empty((), dtype=torch.int64).random_(generator=loader.generator)
         for batch in loader:
             yield batch
             done += 1
@@ -54,9 +79,17 @@ def train_loop(config: dict, rt) -> None:
     model = rt.prepare_model(parts.task)
     module: CLIPTDTask = model.module if hasattr(model, "module") else model
     per_worker = max(1, cfg["batch_size"] // rt.world)
+    # JPEG decode, resize and tokenizing in worker processes, so that the GPU is fed (one
+    # photo-sized image costs 16 ms of a core, docs/scaling.md); the batches and their
+    # order are the same with or without them (the sampler stays in this process)
+    workers = rt.loader_workers(cfg["loader_workers"])
+    if workers:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    shuffle = torch.Generator().manual_seed(cfg["seed"])
     loader = rt.prepare_loader(DataLoader(
-        parts.train, batch_size=per_worker, shuffle=True, collate_fn=parts.collate_train,
-        generator=torch.Generator().manual_seed(cfg["seed"])))
+        parts.train, batch_size=per_worker, sampler=PassShuffle(parts.train, generator=shuffle),
+        collate_fn=_uint8_images(parts.collate_train), generator=shuffle, num_workers=workers,
+        persistent_workers=workers > 0, pin_memory=rt.device.type == "cuda"))
     # Low-shot: an epoch is at least min_steps / epochs optimizer steps (the small training
     # set is cycled), so a 1 % run still trains, and is still evaluated `epochs` times.
     epochs = cfg["epochs"]
@@ -111,6 +144,7 @@ def train_loop(config: dict, rt) -> None:
                 rt.fault_point(cfg["fault"], step)
         train_seconds = time.time() - t0
         metrics = {"epoch": epoch + 1, "step": step, "train/seconds": train_seconds,
+                   "train/loader_workers": workers,
                    "train/samples_per_s": seen * rt.world / max(train_seconds, 1e-9),
                    "train/effective_batch": per_worker * rt.world * cfg["grad_accum"],
                    "train/workers": rt.world, "train/nodes": rt.nodes,

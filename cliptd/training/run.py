@@ -104,9 +104,13 @@ def build_run(cfg: dict) -> RunParts:
 
 
 def to_device(batch: dict, device) -> dict:
+    """The batch on ``device``; images still uint8 (a loader's, ``Collator(uint8_images=
+    True)``) are moved as such and scaled to [0, 1] there."""
     out = {}
     for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
+        if k == "images" and isinstance(v, torch.Tensor) and v.dtype == torch.uint8:
+            out[k] = v.to(device, non_blocking=True).float() / 255
+        elif isinstance(v, torch.Tensor):
             out[k] = v.to(device, non_blocking=True)
         elif isinstance(v, dict):
             out[k] = to_device(v, device)

@@ -69,6 +69,15 @@ class Runtime:
         torch.distributed.broadcast(t, src=0)
         return bool(t.item())
 
+    def cpus(self) -> float:
+        """CPUs this worker holds."""
+        return 1.0
+
+    def loader_workers(self, requested: int) -> int:
+        """DataLoader worker processes: ``requested``, or (-1) one per CPU this worker
+        holds beyond the one its training process uses."""
+        return requested if requested >= 0 else max(0, int(self.cpus() + 1e-9) - 1)
+
     def fault_point(self, fault: dict | None, step: int) -> None:
         """Fault injection for tests: a hard crash (no cleanup, no report) at step
         ``fault["exit_at_step"]``, once (the marker file records that it happened)."""
@@ -90,6 +99,11 @@ class RayRuntime(Runtime):
         # nodes the run spans (Ray Train places the same number of workers on each node)
         self.nodes = self.world // max(1, ctx.get_local_world_size())
         self.device = ray.train.torch.get_device()
+
+    def cpus(self) -> float:
+        import ray
+
+        return float(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))
 
     def prepare_model(self, model):
         # Parts of the task module sit idle in some runs (the distillation heads under

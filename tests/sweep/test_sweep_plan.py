@@ -138,3 +138,86 @@ def test_local_ray_runs_without_preemption_watcher(monkeypatch):
     monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")  # the user's choice wins
     init_ray(types.SimpleNamespace(address=None))
     assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "1"
+
+
+def _gpu_yaml() -> dict:
+    from pathlib import Path
+
+    import yaml
+
+    return yaml.safe_load((Path(__file__).resolve().parents[2] / "clusters" / "gpu.yaml")
+                          .read_text())
+
+
+def test_autoscaling_cluster_at_zero_gpus_plans_what_it_can_grow_to(cluster):
+    """clusters/gpu.yaml freshly up: the head only, both GPU types at min_workers 0."""
+    cluster({"CPU": 8.0, "cliptd_driver": 8.0})
+    plan = sweep_plan.plan_resources(_args(gpus_per_worker=1, cpus_per_worker=3),
+                                     SimpleNamespace(max_concurrent=0), config=_gpu_yaml())
+    # 2 on-demand + 4 spot g5.xlarge, capped by the file's max_workers: 4
+    assert plan["concurrency"] == 4 and plan["autoscaling"]
+    assert plan["worker"] == {"CPU": 3.0, "GPU": 1.0}
+    two = sweep_plan.plan_resources(_args(workers=2, gpus_per_worker=1),
+                                    SimpleNamespace(max_concurrent=0), config=_gpu_yaml())
+    assert two["concurrency"] == 2
+
+
+def test_a_trial_the_cluster_can_never_hold_is_refused(cluster):
+    from cliptd.core.errors import SweepError
+
+    cluster({"CPU": 8.0, "cliptd_driver": 8.0})
+    with pytest.raises(SweepError, match=r"needs 5 × 1.0 GPUs; the cluster has 0 and can "
+                                         r"grow to 4"):
+        sweep_plan.plan_resources(_args(workers=5, gpus_per_worker=1.0),
+                                  SimpleNamespace(max_concurrent=0), config=_gpu_yaml())
+    # enough GPUs in all, but no g5.xlarge (4 vCPUs) holds a worker asking for 8 CPUs
+    with pytest.raises(SweepError, match=r"node types hold 0 at most"):
+        sweep_plan.plan_resources(_args(gpus_per_worker=1, cpus_per_worker=8),
+                                  SimpleNamespace(max_concurrent=0), config=_gpu_yaml())
+    # no autoscaler: what is up is all there is
+    with pytest.raises(SweepError, match="no autoscaler to add any"):
+        sweep_plan.plan_resources(_args(gpus_per_worker=1), SimpleNamespace(max_concurrent=0),
+                                  config=None)
+
+
+def test_scale_for_asks_the_autoscaler_and_waits(monkeypatch):
+    import ray
+    import ray.autoscaler.sdk as sdk
+
+    asked, nodes = [], [[], [], [{"Alive": True, "Resources": {"CPU": 4.0, "GPU": 1.0}}]]
+    monkeypatch.setattr(sdk, "request_resources", lambda **kw: asked.append(kw))
+    monkeypatch.setattr(ray, "nodes", lambda: nodes.pop(0) if len(nodes) > 1 else nodes[0])
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 12.0, "GPU": 1.0})
+    plan = {"autoscaling": True, "worker": {"CPU": 3.0, "GPU": 1.0}, "workers": 1,
+            "concurrency": 4}
+    lines = []
+    waited = sweep_plan.scale_for(plan, timeout_s=30, poll_s=0.01, log=lines.append)
+    assert asked == [{"bundles": [{"CPU": 3.0, "GPU": 1.0}] * 4}]
+    assert waited >= 0 and "asked the autoscaler for 4 trial(s)" in lines[0]
+    assert lines[-1].startswith("[cliptd] nodes up after")
+    nodes[:] = [[]]
+    with pytest.raises(Exception, match="did not provide one trial's resources within 0 s"):
+        sweep_plan.scale_for(plan, timeout_s=0, poll_s=0.01, log=lines.append)
+
+
+def test_joining_a_cluster_passes_its_address_and_settings_to_its_processes(monkeypatch):
+    """The trial drivers, Train controllers and workers start from their node's raylet:
+    what they must know (the GCS address for Train's helpers, the worker-group timeout)
+    goes in the job's runtime env."""
+    import types
+
+    import ray
+
+    from cliptd.cli.common import init_ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "900")
+    monkeypatch.delenv("CLIPTD_LOCAL_RAY", raising=False)
+    init_ray(types.SimpleNamespace(address="10.231.0.1:6379"))
+    env = calls[0]["runtime_env"]["env_vars"]
+    assert calls[0]["address"] == "10.231.0.1:6379"
+    assert env["RAY_ADDRESS"] == "10.231.0.1:6379"
+    assert env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] == "900"
+    assert "CLIPTD_TRACKING_BUFFER" not in env  # a host path stays each node's own

@@ -372,3 +372,53 @@ def test_logged_steps_sees_mlflow_and_the_buffer(store, run_id, tmp_path, fast_f
                               buffer_dir=str(tmp_path))
     away.log_metrics({"epoch": 3, "score": 0.4}, step=3)
     assert away.logged_steps() == {3}
+
+
+def test_result_logger_logs_each_epoch_once_from_the_receiving_process(store, run_id,
+                                                                        tmp_path):
+    """What Tune's trial runner / Train's controller receive, logged at its epoch: Ray's own
+    keys left out, an epoch reported again (a restarted worker group) not logged twice,
+    also by a new logger (a restarted driver)."""
+    uri, _ = store
+    buf = str(tmp_path / "buf")
+    log = tracking.ResultLogger(uri, run_id, buffer_dir=buf)
+    row = {"epoch": 1, "score": 0.25, "train/loss": 1.5, "timestamp": 1700000000,
+           "training_iteration": 1, "trial_id": "abc", "done": False, "config/lr": 0.1,
+           "checkpoint_path": "/x", "time_total_s": 3.0}
+    assert log.log(row)
+    assert not log.log({**row, "score": 0.99})  # the same epoch again
+    assert not log.log({"score": 1.0})  # no epoch: nothing to log it at
+    assert tracking.ResultLogger(uri, run_id, buffer_dir=buf).log({**row, "score": 0.5}) \
+        is False
+    assert log.log({**row, "epoch": 2, "score": 0.5})
+    c = tracking.client(uri)
+    assert [(m.step, m.value) for m in c.get_metric_history(run_id, "score")] == \
+        [(1, 0.25), (2, 0.5)]
+    assert set(c.get_run(run_id).data.metrics) == {"epoch", "score", "train/loss"}
+
+
+def test_live_tracking_logs_a_trials_results_as_they_arrive(store, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from cliptd.sweep.live import LiveTracking
+
+    monkeypatch.setenv("CLIPTD_TRACKING_BUFFER", str(tmp_path / "buf"))
+    uri, exp = store
+    run = tracking.client(uri).create_run(exp, tags={"cliptd.trial_id": "sw/t1"}).info.run_id
+    cb = LiveTracking({"tracking_uri": uri, "experiment_id": exp, "sweep_id": "sw"})
+    trial = SimpleNamespace(trial_id="t1")
+    cb.on_trial_result(0, [], trial, {"epoch": 1, "score": 0.1})
+    assert [m.step for m in tracking.client(uri).get_metric_history(run, "score")] == [1]
+    cb.on_trial_result(0, [], trial, {"epoch": 1, "score": 0.1})  # a re-report
+    cb.on_trial_result(0, [], trial, {"epoch": 2, "score": 0.2})
+    cb.on_trial_complete(0, [], trial)
+    assert [m.step for m in tracking.client(uri).get_metric_history(run, "score")] == [1, 2]
+    # a trial whose run is not there (yet): its results wait, nothing is lost or raised
+    other = SimpleNamespace(trial_id="t2")
+    cb.on_trial_result(0, [], other, {"epoch": 1, "score": 0.3})
+    run2 = tracking.client(uri).create_run(exp, tags={"cliptd.trial_id": "sw/t2"}).info.run_id
+    cb.on_trial_complete(0, [], other)
+    assert [m.value for m in tracking.client(uri).get_metric_history(run2, "score")] == [0.3]
+    import pickle
+
+    assert pickle.loads(pickle.dumps(cb)).sweep_id == "sw"  # Tune saves its callbacks
