@@ -140,11 +140,14 @@ def test_sweep_trial_worker_crash_resumes_to_same_result(clean, cfg, tmp_path, k
     assert marker.exists(), "the fault was never injected"
     assert result.error is None, result.error
     _same(result.metrics, clean.metrics)
-    epochs = list(result.metrics_dataframe["epoch"])
-    # A restarted light trial is a new Tune actor: its results start again at epoch 2, the
-    # first after its epoch-1 checkpoint (from scratch it would report epoch 1 again). A
-    # train trial's driver never stopped: it forwarded every epoch once.
-    assert epochs == ([2, 3] if kind == "light" else [1, 2, 3]), epochs
+    df = result.metrics_dataframe
+    assert list(df["epoch"])[-1] == 3
+    # resumed from the epoch-1 checkpoint, not from scratch: the epoch-2 result is the first
+    # of a (re)started loop, the one that carries its set-up time. (A restarted light trial is
+    # a new Tune actor; whether Tune's dataframe still holds its epoch-1 result depends on
+    # when Tune wrote it before the crash, so only the last epoch-2 result is read.)
+    second = df[df["epoch"] == 2].iloc[-1]
+    assert second["time/setup_s"] == second["time/setup_s"], "epoch 2 did not start a loop"
     trials = optuna.load_study(study_name="crash", storage=study).trials
     assert len(trials) == 1 and trials[0].state == optuna.trial.TrialState.COMPLETE
     assert trials[0].value == clean.metrics["score"]
