@@ -114,7 +114,8 @@ DEFAULT_CONFIG = {
     "seed": 0,
     "threads": 0,  # torch intra-op threads per worker (0: torch's default)
     # DataLoader worker processes decoding and resizing images beside each Train worker
-    # (-1: one per CPU the worker holds beyond the one its training process uses)
+    # (-1: on GPU, one per CPU the worker holds beyond the one its training process uses;
+    # on CPU none)
     "loader_workers": -1,
     "tracking": None,  # {"uri":..., "run_id":...}: rank 0 logs per-epoch metrics to MLflow
     "fault": None,  # {"exit_at_step": n, "marker": path}: fault injection for tests

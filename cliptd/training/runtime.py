@@ -74,9 +74,14 @@ class Runtime:
         return 1.0
 
     def loader_workers(self, requested: int) -> int:
-        """DataLoader worker processes: ``requested``, or (-1) one per CPU this worker
-        holds beyond the one its training process uses."""
-        return requested if requested >= 0 else max(0, int(self.cpus() + 1e-9) - 1)
+        """DataLoader worker processes: ``requested``, or (-1) on a GPU one per CPU this
+        worker holds beyond the one its training process uses (on CPU the training process
+        needs those CPUs itself: none)."""
+        if requested >= 0:
+            return requested
+        if self.device.type != "cuda":
+            return 0
+        return max(0, int(self.cpus() + 1e-9) - 1)
 
     def fault_point(self, fault: dict | None, step: int) -> None:
         """Fault injection for tests: a hard crash (no cleanup, no report) at step

@@ -53,7 +53,9 @@ def head(tmp_path, world_cache):
                 "CLIPTD_STORAGE_PATH": str(tmp_path / "storage"),
                 "CLIPTD_CACHE": str(world_cache),
                 "CLIPTD_TRACKING_BUFFER": str(tmp_path / "buffer"),
-                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+                # the nodes' `python` is the one cliptd is installed in (the cluster image's)
+                "PATH": f"{Path(py).parent}:{os.environ.get('PATH', '')}"})
     host = _netns.Hosts(single=True)
     try:
         host.start("head", [str(Path(py).with_name("mlflow")), "server",
@@ -67,8 +69,10 @@ def head(tmp_path, world_cache):
                             "--object-store-memory=200000000", "--dashboard-host=127.0.0.1",
                             "--dashboard-port=8265", "--disable-usage-stats"],
                    env, tmp_path / "ray-head.log")
-        jobs_up = [py, "-c", "import urllib.request, sys; urllib.request.urlopen("
-                   "'http://127.0.0.1:8265/api/version', timeout=2)"]
+        # any HTTP answer will do: without the token it is 401
+        jobs_up = [py, "-c", "import urllib.request, urllib.error\ntry:\n"
+                   " urllib.request.urlopen('http://127.0.0.1:8265/api/version', timeout=2)\n"
+                   "except urllib.error.HTTPError:\n pass"]
         health = [py, "-c", "import urllib.request; urllib.request.urlopen("
                   "'http://127.0.0.1:5000/health', timeout=2)"]
         host.wait_for("the job server", lambda: host.run("head", jobs_up, env).returncode == 0,

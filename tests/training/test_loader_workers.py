@@ -39,8 +39,9 @@ def test_loader_workers_give_identical_results(tiny_world, vcr_cache, tmp_path):
 
 def test_auto_loader_workers_follow_the_cpus():
     rt = LocalRuntime()
-    assert rt.loader_workers(3) == 3 and rt.loader_workers(-1) == 0  # 1 CPU: none
-    rt.cpus = lambda: 4.0  # a g5.xlarge worker: the training process and 3 decoders
-    assert rt.loader_workers(-1) == 3
+    rt.cpus = lambda: 4.0
+    assert rt.loader_workers(3) == 3 and rt.loader_workers(-1) == 0  # on CPU: none
+    rt.device = torch.device("cuda")  # (only its type is read)
+    assert rt.loader_workers(-1) == 3  # a g5.xlarge worker: training process + 3 decoders
     rt.cpus = lambda: 0.9
     assert rt.loader_workers(-1) == 0
