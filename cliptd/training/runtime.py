@@ -91,6 +91,16 @@ class Runtime:
             os._exit(1)
 
 
+@contextmanager
+def _checkpoint_folder(ckpt):
+    """A Ray (Train or Tune) checkpoint as a local folder for the ``with`` block, or None."""
+    if ckpt is None:
+        yield None
+    else:
+        with ckpt.as_directory() as d:
+            yield Path(d)
+
+
 class RayRuntime(Runtime):
     """The loop's view of Ray Train: rank, device, DDP wrapping, checkpoints, reports."""
 
@@ -119,14 +129,8 @@ class RayRuntime(Runtime):
     def prepare_loader(self, loader):
         return self._torch.prepare_data_loader(loader, move_to_device=False)
 
-    @contextmanager
     def latest_checkpoint(self):
-        ckpt = self._train.get_checkpoint()
-        if ckpt is None:
-            yield None
-        else:
-            with ckpt.as_directory() as d:
-                yield Path(d)
+        return _checkpoint_folder(self._train.get_checkpoint())
 
     def report(self, metrics: dict, folder: Path | None, epoch: int, unit: str = "epoch"
                ) -> None:
@@ -157,14 +161,8 @@ class TuneRuntime(Runtime):
     def prepare_loader(self, loader):
         return loader  # Ray Train's prepare_data_loader leaves a world of one's loader as is
 
-    @contextmanager
     def latest_checkpoint(self):
-        ckpt = self._tune.get_checkpoint()
-        if ckpt is None:
-            yield None
-        else:
-            with ckpt.as_directory() as d:
-                yield Path(d)
+        return _checkpoint_folder(self._tune.get_checkpoint())
 
     def report(self, metrics: dict, folder: Path | None, epoch: int, unit: str = "epoch"
                ) -> None:
