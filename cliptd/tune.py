@@ -86,6 +86,49 @@ def write_best(out: Path, condition: str, method: str, base: dict, sample: dict)
     return path
 
 
+def log_best_student(out: Path, sweep: str, condition: str, method: str, result: dict,
+                     uri: str, experiment_id: str, parent: str) -> tuple[Path | None, str | None]:
+    """The search's best student (its best trial's best checkpoint) exported as a
+    transformers folder under ``out/best/`` and logged as an MLflow model of that trial's
+    run, and listed among the sweep's parent run's outputs; once per sweep (a resumed sweep
+    finds it logged). (None, None) when the best trial kept no checkpoint."""
+    from cliptd.tracking import runs as tracking
+
+    if result.get("checkpoint") is None:
+        return None, None
+    folder = out / "best" / f"{condition}-{method}-student"
+    tag = f"cliptd.best_model.{condition}.{method}"
+    c = tracking.client(uri)
+    logged = tracking.patiently(lambda: c.get_run(parent).data.tags.get(tag),
+                                "reading the sweep's parent run")
+    if logged and folder.is_dir():
+        return folder, logged
+    from cliptd.training.checkpoint import export_finetuned
+
+    export_finetuned(result["checkpoint"], folder)
+
+    def log() -> str:
+        from mlflow.entities import LoggedModelOutput
+
+        model_name = tracking.model_name(f"{sweep}-{condition}-{method}-student")
+        # safe to call again: a model logged by a call that then failed is found, not redone
+        found = c.search_logged_models([experiment_id], max_results=1, filter_string=(
+            f"name = '{model_name}' AND status = 'READY'"))
+        if found:
+            model_id = found[0].model_id
+        else:
+            run = c.search_runs([experiment_id], filter_string=(
+                f"tags.`cliptd.trial_id` = '{result['best_trial']}'"), max_results=1)
+            source = run[0].info.run_id if run else parent
+            model_id = tracking.log_student(uri, source, folder, name=model_name,
+                                            step=result["best_epoch"])
+        c.log_outputs(parent, models=[LoggedModelOutput(model_id, step=result["best_epoch"])])
+        c.set_tag(parent, tag, model_id)
+        return model_id
+
+    return folder, tracking.patiently(log, f"logging the best student of {condition}/{method}")
+
+
 def override_conditions(space, shots: str | None, presets: str | None):
     """The space with ``--shots`` / ``--presets`` in place of its conditions, checked as a
     space file's are."""
@@ -234,8 +277,11 @@ def main(argv=None) -> int:
             print(f"[cliptd] {condition}/{method}: seed re-runs done")
             return []
         best_path = write_best(out, condition, method, job["base"], result["sample"])
+        student, model_id = log_best_student(out, name, condition, method, result, uri,
+                                             experiment_id, parent)
         summary.append({"condition": condition, "method": method, "best": best_path,
-                        "trials": result["trials"], "sample": result["sample"]})
+                        "trials": result["trials"], "sample": result["sample"],
+                        "student": student, "model_id": model_id})
         seeds = list(range(budget.seeds))
         reused = result["reused"]
         if reused is not None and reused["seed"] in seeds:
@@ -284,6 +330,8 @@ def main(argv=None) -> int:
         knobs = ", ".join(f"{k}={describe(v)}" for k, v in sorted(s["sample"].items()))
         print(f"{s['condition']:<24} {s['method']:<13} trials={s['trials']}  best: {knobs}")
         print(f"{'':<32}replay: python -m cliptd.train --task {args.task} --config {s['best']}")
+        if s["student"]:
+            print(f"{'':<32}student: {s['student']}  (MLflow logged model {s['model_id']})")
     print(f"\n== Comparison over {budget.seeds} seed(s) (mean ± std, %) ==")
     print(md)
     print("== Paired by seed: method − none, points (mean ± std, seeds ahead / pairs) ==")
@@ -293,7 +341,8 @@ def main(argv=None) -> int:
     print(f"Optuna: optuna-dashboard {study_url} --host 127.0.0.1")
     print(f"Outputs: {out}   wall time {time.time() - start:.0f} s")
     (out / "summary.json").write_text(json.dumps(
-        {"summary": [{**s, "best": str(s["best"])} for s in summary],
+        {"summary": [{**s, "best": str(s["best"]), "student": str(s["student"] or "")}
+                     for s in summary],
          "seconds": time.time() - start}, indent=2, default=str))
     return 0
 

@@ -1,4 +1,4 @@
-"""One Tune trial: its config resolved, its MLflow run opened, then trained one of two ways.
+"""One Tune trial: its config resolved, then trained one of two ways.
 
 - ``light`` (one worker): the trial trains in its own process: the loop runs inside the Tune
   function (``cliptd.training.launch.train_in_tune_trial``) with Tune checkpoints,
@@ -10,7 +10,8 @@
 
 Both keep the same guarantees: checkpoints on the storage path, exact resume after a
 killed sweep driver (``Tuner.restore``), restarts after a worker crash from the latest
-checkpoint, ASHA on the reported ``epoch``, and one MLflow run per trial. ``auto`` picks
+checkpoint, ASHA on the reported ``epoch``, and one MLflow run per trial (opened and logged
+by the search's process: ``cliptd.sweep.live``). ``auto`` picks
 ``light`` for one worker (with or without a GPU) and ``train`` otherwise.
 """
 
@@ -74,37 +75,20 @@ def tune_run_options(meta: dict) -> dict:
 
 
 def train_driver_fn(config: dict, meta: dict) -> None:
-    """One Tune trial: resolve its config, open (or find) its MLflow run, train.
+    """One Tune trial: resolve its config, train.
 
     ``config`` holds only what Tune samples (the searched knobs, or the seed); ``meta`` (given
     through ``tune.with_parameters``) holds the sweep's fixed settings and the base config.
-    Nothing here imports torch: a ``train`` trial's driver never needs it, and a light trial
-    imports the loop inside ``train_in_tune_trial``."""
+    A trial never talks to MLflow: on a cluster it may run on a node that cannot reach a
+    server on the head's loopback. The search's own process, on the head, opens its run and
+    logs every result it reports (``cliptd.sweep.live``). Nothing here imports torch: a
+    ``train`` trial's driver never needs it, and a light trial imports the loop inside
+    ``train_in_tune_trial``."""
     import ray.tune
 
-    from cliptd.tracking import runs as tracking
-
     cfg = resolve_config(apply_sample(meta["base"], config))
+    cfg["tracking"] = None
     ctx = ray.tune.get_context()
-    trial_id = f"{meta['sweep_id']}/{ctx.get_trial_id()}"
-    tags = {"task": cfg["task"], "condition": meta["condition"], "shots": cfg["shots"],
-            "preset": cfg["preset"], "method": cfg["distill"]["method"], "seed": cfg["seed"],
-            "subset_seed": cfg["subset_seed"], "phase": meta["phase"],
-            "sweep": meta["sweep_id"], "trial_kind": kind_of(meta)}
-    if meta.get("tracking_uri"):
-        # the server away when a trial starts: the trial waits for it (the trials already
-        # running keep training, their metrics buffered), logging the gap
-        tracking.fail_fast(timeout_s=30)
-        tracking.patiently(lambda: tracking.find_or_create_trial_run(
-            meta["tracking_uri"], meta["experiment_id"], meta["parent_run_id"], trial_id,
-            name=f"{meta['condition']}/{cfg['distill']['method']}/{ctx.get_trial_name()}",
-            tags=tags, params={**cfg, "searcher_seed": meta["searcher_seed"],
-                               "versions": meta["versions"]}, dataset=cfg),
-            f"opening the MLflow run of trial {trial_id}")
-        # the workers log nothing themselves: on a cluster they cannot reach a server on
-        # the head's loopback; the search's own process (on the head) logs every result
-        # it receives (cliptd.sweep.live)
-        cfg["tracking"] = None
     if kind_of(meta) == "light":
         from cliptd.training.launch import train_in_tune_trial
 

@@ -1,6 +1,32 @@
-"""Closing a sweep's trials in MLflow: metrics made whole, status set, compared runs tagged."""
+"""A sweep's trials in MLflow: each trial's run opened, closed with its metrics made whole
+and its status set; compared runs tagged. All of it from the search's own process (on the
+head), never from a trial."""
 
 from __future__ import annotations
+
+from cliptd.core.config import resolve_config
+from cliptd.sweep.driver import kind_of
+from cliptd.sweep.space import apply_sample
+
+
+def open_trial_run(meta: dict, config: dict, tune_trial_id: str) -> str:
+    """The MLflow run of Tune trial ``tune_trial_id`` (sampled ``config``) of the search
+    ``meta`` describes, found or created (tags, params: the resolved config, searcher seed
+    and package versions; the dataset as its input); returns its id. Safe to call again."""
+    from cliptd.tracking import runs as tracking
+
+    cfg = resolve_config(apply_sample(meta["base"], config))
+    tags = {"task": cfg["task"], "condition": meta["condition"], "shots": cfg["shots"],
+            "preset": cfg["preset"], "method": cfg["distill"]["method"], "seed": cfg["seed"],
+            "subset_seed": cfg["subset_seed"], "phase": meta["phase"],
+            "sweep": meta["sweep_id"], "trial_kind": kind_of(meta)}
+    run_id, _ = tracking.find_or_create_trial_run(
+        meta["tracking_uri"], meta["experiment_id"], meta["parent_run_id"],
+        f"{meta['sweep_id']}/{tune_trial_id}",
+        name=f"{meta['condition']}/{cfg['distill']['method']}/{tune_trial_id}", tags=tags,
+        params={**cfg, "searcher_seed": meta["searcher_seed"], "versions": meta["versions"]},
+        dataset=cfg)
+    return run_id
 
 
 def close_runs(grid, meta: dict, phase: str) -> list[dict]:
@@ -40,11 +66,19 @@ def _close_run(uri: str, meta: dict, result, m: dict, trial_id: str) -> None:
     from cliptd.tracking import runs as tracking
 
     c = tracking.client(uri)
-    runs = c.search_runs([meta["experiment_id"]],
-                         filter_string=f"tags.`cliptd.trial_id` = '{trial_id}'")
+    def find():
+        return c.search_runs([meta["experiment_id"]],
+                             filter_string=f"tags.`cliptd.trial_id` = '{trial_id}'")
+
+    runs = find()
+    if not runs:  # the server was away for the whole of the trial's life: opened now
+        open_trial_run(meta, result.config or {}, m["trial_id"])
+        runs = find()
     for run in runs:
         tracking.replay_buffer(uri, run.info.run_id)
-        tracking.backfill(uri, run.info.run_id, _ray_results(result))
+        filled = tracking.backfill(uri, run.info.run_id, _ray_results(result))
+        if filled:  # epochs no live logger sent: recovered from Ray's results, said so
+            c.set_tag(run.info.run_id, "cliptd.backfilled_epochs", str(filled))
         status = "FAILED" if result.error else "FINISHED"
         if m.get("epoch", 0) and run.info.status == "RUNNING":
             c.set_tag(run.info.run_id, "cliptd.early_stopped",

@@ -44,12 +44,34 @@ def run_tuner(name: str, storage: str, param_space: dict, tune_config, resources
     return tuner.fit()
 
 
+def best_checkpoint(result):
+    """The best (by ``score``) checkpoint a trial still holds, or None.
+
+    A light trial's checkpoints are Tune's own (``best_checkpoints``); a ``train`` trial's
+    are Ray Train's, which Tune knows only by the ``checkpoint_path`` each report carried
+    (``TuneReportCallback``), some since deleted by Train's ``num_to_keep``."""
+    import pyarrow.fs
+    from ray.tune import Checkpoint
+
+    if result.best_checkpoints:
+        return result.get_best_checkpoint(metric="score", mode="max")
+    df = result.metrics_dataframe
+    if df is None or "checkpoint_path" not in df or "score" not in df:
+        return result.checkpoint
+    rows = df.dropna(subset=["checkpoint_path", "score"]).sort_values("score", ascending=False)
+    for path in rows["checkpoint_path"]:
+        if result.filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+            return Checkpoint(path, filesystem=result.filesystem)
+    return result.checkpoint
+
+
 def search(job: dict, concurrency: int) -> dict:
     """Optuna (TPE, seeded, study in SQLite) + ASHA on `epoch` for one (condition, method).
 
-    Returns the best sample, the trials' records, and the best trial's record when it ran
-    every epoch: its last epoch evaluated on the whole eval split with seed 0, exactly what a
-    seed-0 re-run would give, so it stands as seed 0 of the comparison."""
+    Returns the best sample, the trials' records, the best trial (its id and best
+    checkpoint: the sweep's student for this search), and the best trial's record when it
+    ran every epoch: its last epoch evaluated on the whole eval split with seed 0, exactly
+    what a seed-0 re-run would give, so it stands as seed 0 of the comparison."""
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -95,7 +117,10 @@ def search(job: dict, concurrency: int) -> dict:
                       best.metrics.get("trial_id"))
         reused["seed"] = base["seed"]
         mark_compared(meta, reused)
-    return {"sample": dict(best.config), "trials": len(grid), "reused": reused}
+    return {"sample": dict(best.config), "trials": len(grid), "reused": reused,
+            "best_trial": f"{meta['sweep_id']}/{best.metrics['trial_id']}",
+            "best_epoch": int(best.metrics.get("epoch", 0)),
+            "checkpoint": best_checkpoint(best)}
 
 
 def rerun_seeds(job: dict, concurrency: int) -> dict:

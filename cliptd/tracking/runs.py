@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -200,11 +201,19 @@ def log_dataset(uri: str, run_id: str, cfg: dict) -> None:
         ds._to_mlflow_entity(), tags=[InputTag(k, v) for k, v in tags.items()])])
 
 
+def model_name(name: str) -> str:
+    """``name`` as MLflow accepts a logged model's name: none of ``/ : . % " '`` (a shot
+    level such as ``0.05`` becomes ``0_05``)."""
+    return re.sub(r"[/:.%\"']", "_", name)
+
+
 def log_student(uri: str, run_id: str, folder: Path, name: str, step: int = 0) -> str:
     """An exported student folder as the run's logged model (MLflow 3's LoggedModel: the
-    transformers folder as its artifacts); returns the model id."""
+    transformers folder as its artifacts); returns the model id. ``name`` is made a valid
+    model name (see ``model_name``)."""
     from mlflow.entities import LoggedModelOutput
 
+    name = model_name(name)
     c = client(uri)
     run = c.get_run(run_id)
     model = c.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id,

@@ -78,8 +78,14 @@ def export_student(checkpoint: Path, out_dir: Path, fmt: str, extra) -> dict:
 
 def export_best(result, out_dir: Path) -> Path:
     """The fine-tuned student from a Ray Train result's best checkpoint (by ``score``)."""
-    best = result.get_best_checkpoint(metric="score", mode="max") or result.checkpoint
-    with best.as_directory() as d:
+    return export_finetuned(
+        result.get_best_checkpoint(metric="score", mode="max") or result.checkpoint, out_dir)
+
+
+def export_finetuned(checkpoint, out_dir: Path) -> Path:
+    """The fine-tuned student from a Ray (Train or Tune) checkpoint, wherever it is stored,
+    with the metrics and config of the epoch it was saved at."""
+    with checkpoint.as_directory() as d:
         export_student(Path(d), out_dir, CHECKPOINT_FORMAT, lambda state, _: {
             "metrics": state["metrics"], "config": state["config"]})
     return Path(out_dir)

@@ -118,6 +118,12 @@ def train_loop(config: dict, rt) -> None:
         early = state.get("early_stop", early)
         if early["stopped"]:  # the run had ended: a restart trains no further
             start_epoch = epochs
+        if start_epoch >= epochs:
+            # The run had ended, but whoever restarted it (Tune restoring a sweep whose
+            # driver died between a trial's last report and its end) needs its result
+            # again: a trial that reports nothing fails Tune's metric check. Reported as
+            # it was, without a new checkpoint; MLflow already has it (logged once per epoch).
+            rt.report(state["metrics"], None, state["epoch"] + 1)
     tracker = rt.tracker(cfg["tracking"])
     # Epochs this run already logged before a crash or a killed driver: a restart from an
     # earlier checkpoint re-runs them (exactly: same values), and MLflow must not get them

@@ -87,6 +87,8 @@ def test_real_layouts_through_the_commands(tmp_path):
          "--out", str(tmp_path / "report"))
     assert (tmp_path / "report" / "comparison.md").exists()
 
+    from transformers import AutoModel, AutoTokenizer
+
     c = MlflowClient(uri)
     trials = c.search_runs([c.get_experiment_by_name("cliptd-vcr").experiment_id],
                            filter_string="tags.`cliptd.kind` = 'trial'")
@@ -96,6 +98,13 @@ def test_real_layouts_through_the_commands(tmp_path):
         assert "val/id/q_a" in run.data.metrics and run.data.tags["mlflow.source.git.commit"]
         (ds,) = run.inputs.dataset_inputs
         assert ds.dataset.digest and "vcr" in ds.dataset.name
+    # the sweep's best VisualBERT student per method: logged from its best trial's run
+    models = c.search_logged_models([trials[0].info.experiment_id])
+    assert sorted(m.name for m in models) == ["real-none-shots1_0-cliptd-student",
+                                              "real-none-shots1_0-none-student"], models
+    assert {m.source_run_id for m in models} <= {r.info.run_id for r in trials}
+    assert AutoModel.from_pretrained(tmp_path / "out" / "best" / "none-shots1.0-cliptd-student"
+                                     ).config.model_type == "visual_bert"
     for task in ("snli_ve", "vqa"):
         exp = c.get_experiment_by_name(f"cliptd-{task}")
         assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
@@ -106,8 +115,6 @@ def test_real_layouts_through_the_commands(tmp_path):
         (model,) = c.search_logged_models(experiment_ids=[exp.experiment_id])
         assert str(model.status).endswith("READY") and model.source_run_id == run.info.run_id
     # the exported students load with transformers alone: a transformers folder
-    from transformers import AutoModel, AutoTokenizer
-
     for task, kind in (("snli_ve", "lxmert"), ("vqa", "visual_bert")):
         folder = tmp_path / f"student-{task}"
         assert AutoModel.from_pretrained(folder).config.model_type == kind

@@ -84,6 +84,17 @@ def test_tune_cli_records_every_trial(tmp_path, world_cache, kind):
                 r.data.params)
     assert len(list((tmp_path / "out" / "best").glob("*.yaml"))) == 2
     assert (tmp_path / "out" / "comparison.md").read_text().count("|") > 10
+    # each search's best student: a transformers folder, logged as a model of its best
+    # trial's run (a light trial's checkpoint is Tune's, a train trial's Ray Train's)
+    students = sorted((tmp_path / "out" / "best").glob("*-student"))
+    assert [p.name for p in students] == ["synthetic-shots0.05-cliptd-student",
+                                          "synthetic-shots0.05-none-student"], students
+    assert all((p / "model.safetensors").is_file() for p in students)
+    models = client.search_logged_models([parents[0].info.experiment_id])
+    assert len(models) == 2 and {m.source_run_id for m in models} <= {
+        r.info.run_id for r in search}
+    assert len(parents[0].outputs.model_outputs) == 2
+    assert out.count("(MLflow logged model m-") == 2
 
 
 @KINDS

@@ -325,10 +325,12 @@ class _Result:
         return pd.DataFrame(self._rows)
 
 
-def test_close_runs_makes_every_trial_whole(store, tmp_path, monkeypatch, fast_fail):
+def test_close_runs_makes_every_trial_whole(store, tiny_world, tmp_path, monkeypatch,
+                                           fast_fail):
     """Closing a search: one trial's last epoch only in its local buffer (Tune killed it
     while the server was away), another's only in Ray's results (its buffer on another
-    node): both end FINISHED with every epoch, each once."""
+    node), a third never opened (the server away all its life): all end FINISHED with
+    every epoch, each once."""
     from cliptd.sweep.records import close_runs
 
     uri, exp = store
@@ -345,17 +347,31 @@ def test_close_runs_makes_every_trial_whole(store, tmp_path, monkeypatch, fast_f
     dead = tracking.RunLogger(f"http://127.0.0.1:{closed_port()}", ids["buffered"])
     dead.log_metrics({"epoch": 2, "score": 0.2}, step=2)
     assert dead.buffer.exists()
+    grid.append(_Result("sweep-close/never-opened", [
+        {"epoch": e, "score": 0.1 * e, "trial_id": "never-opened", "timestamp": 1000 + e}
+        for e in (1, 2)]))
     meta = {"tracking_uri": uri, "experiment_id": exp, "sweep_id": "sweep-close",
-            "epochs": 2}
+            "epochs": 2, "parent_run_id": parent, "condition": "c", "phase": "search",
+            "base": {"task": "vcr", "data": str(tiny_world.data["vcr"])},
+            "searcher_seed": 0, "versions": {}, "trial_kind": "light", "workers": 1}
     records = close_runs(grid, meta, "search")
-    assert [r["trial_id"] for r in records] == ["sweep-close/buffered", "sweep-close/remote"]
+    assert [r["trial_id"] for r in records] == ["sweep-close/buffered", "sweep-close/remote",
+                                                "sweep-close/never-opened"]
     c = tracking.client(uri)
+    (opened,) = c.search_runs([exp], filter_string=(
+        "tags.`cliptd.trial_id` = 'sweep-close/never-opened'"))
+    assert opened.data.tags["mlflow.parentRunId"] == parent
+    ids["never-opened"] = opened.info.run_id
     for name, run_id in ids.items():
         assert history(uri, run_id, "epoch") == [(1, 1.0), (2, 2.0)], name
         assert history(uri, run_id, "score") == [(1, 0.1), (2, 0.2)], name
         run = c.get_run(run_id)
         assert run.info.status == "FINISHED"
         assert run.data.tags["cliptd.early_stopped"] == "False"
+    # what no live logger sent is recovered from Ray's results, and the run says so
+    assert {name: c.get_run(run_id).data.tags.get("cliptd.backfilled_epochs")
+            for name, run_id in ids.items()} == {"buffered": None, "remote": "1",
+                                                 "never-opened": "2"}
     assert not list(tmp_path.glob("*.jsonl"))
 
 
@@ -397,28 +413,64 @@ def test_result_logger_logs_each_epoch_once_from_the_receiving_process(store, ru
     assert set(c.get_run(run_id).data.metrics) == {"epoch", "score", "train/loss"}
 
 
-def test_live_tracking_logs_a_trials_results_as_they_arrive(store, tmp_path, monkeypatch):
+def test_live_tracking_opens_each_trials_run_and_logs_its_results(store, tiny_world,
+                                                                    tmp_path, monkeypatch):
+    """The search's process opens a trial's run when it starts (a trial never talks to
+    MLflow) and logs each epoch once; a run that cannot be opened yet (the server away at
+    the trial's start) is opened with a later result, nothing lost or raised."""
+    import pickle
     from types import SimpleNamespace
 
+    from cliptd.sweep import records
     from cliptd.sweep.live import LiveTracking
 
     monkeypatch.setenv("CLIPTD_TRACKING_BUFFER", str(tmp_path / "buf"))
     uri, exp = store
-    run = tracking.client(uri).create_run(exp, tags={"cliptd.trial_id": "sw/t1"}).info.run_id
-    cb = LiveTracking({"tracking_uri": uri, "experiment_id": exp, "sweep_id": "sw"})
-    trial = SimpleNamespace(trial_id="t1")
+    c = tracking.client(uri)
+    parent = c.create_run(exp, tags={"cliptd.kind": "sweep"}).info.run_id
+    meta = {"tracking_uri": uri, "experiment_id": exp, "parent_run_id": parent,
+            "sweep_id": "live", "condition": "synthetic-shots0.05", "phase": "search",
+            "base": {"task": "vcr", "data": str(tiny_world.data["vcr"]),
+                     "preset": "synthetic", "distill": {"method": "cliptd"}},
+            "searcher_seed": 3, "versions": {"ray": "2.60.0"}, "trial_kind": "light",
+            "workers": 1, "method": "cliptd"}
+    cb = LiveTracking(meta)
+
+    def runs_of(trial_id):
+        return c.search_runs([exp], filter_string=f"tags.`cliptd.trial_id` = 'live/{trial_id}'")
+
+    trial = SimpleNamespace(trial_id="t1", config={"lr": 0.002})
+    cb.on_trial_start(0, [], trial)
+    (run,) = runs_of("t1")
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    assert run.data.tags["method"] == "cliptd" and run.data.tags["trial_kind"] == "light"
+    assert run.data.params["lr"] == "0.002" and run.data.params["searcher_seed"] == "3"
+    assert run.inputs.dataset_inputs  # the prepared dataset as its input
     cb.on_trial_result(0, [], trial, {"epoch": 1, "score": 0.1})
-    assert [m.step for m in tracking.client(uri).get_metric_history(run, "score")] == [1]
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "score")] == [1]
     cb.on_trial_result(0, [], trial, {"epoch": 1, "score": 0.1})  # a re-report
     cb.on_trial_result(0, [], trial, {"epoch": 2, "score": 0.2})
     cb.on_trial_complete(0, [], trial)
-    assert [m.step for m in tracking.client(uri).get_metric_history(run, "score")] == [1, 2]
-    # a trial whose run is not there (yet): its results wait, nothing is lost or raised
-    other = SimpleNamespace(trial_id="t2")
-    cb.on_trial_result(0, [], other, {"epoch": 1, "score": 0.3})
-    run2 = tracking.client(uri).create_run(exp, tags={"cliptd.trial_id": "sw/t2"}).info.run_id
-    cb.on_trial_complete(0, [], other)
-    assert [m.value for m in tracking.client(uri).get_metric_history(run2, "score")] == [0.3]
-    import pickle
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "score")] == [1, 2]
+    cb.on_trial_start(0, [], trial)  # a restarted trial: the same run
+    assert len(runs_of("t1")) == 1
 
-    assert pickle.loads(pickle.dumps(cb)).sweep_id == "sw"  # Tune saves its callbacks
+    real, calls = records.open_trial_run, []
+
+    def away_once(*a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionError("the server is away")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(records, "open_trial_run", away_once)
+    other = SimpleNamespace(trial_id="t2", config={"lr": 0.001})
+    cb.on_trial_start(0, [], other)  # the server away: no run, no error
+    assert runs_of("t2") == []
+    cb.on_trial_result(0, [], other, {"epoch": 1, "score": 0.3})
+    (run2,) = runs_of("t2")
+    cb.on_trial_complete(0, [], other)
+    assert [m.value for m in c.get_metric_history(run2.info.run_id, "score")] == [0.3]
+
+    restored = pickle.loads(pickle.dumps(cb))  # Tune saves its callbacks with the sweep
+    assert restored.meta == cb.meta and restored._opened == set()

@@ -35,6 +35,19 @@ def test_resume_matches_uninterrupted(tiny_world, vcr_cache, tmp_path):
     assert a["metrics"]["val/id/q_a"] == b["metrics"]["val/id/q_a"]
 
 
+def test_a_finished_run_restarted_reports_its_result_again(tiny_world, vcr_cache, tmp_path):
+    """Tune restoring a sweep whose driver died after a trial's last report restarts that
+    trial from its last checkpoint: it must report its result again (a trial that reports
+    nothing fails Tune's metric check), train nothing and write no new checkpoint."""
+    full = LocalRuntime(keep_dir=tmp_path / "full")
+    train_loop(_cfg(tiny_world, vcr_cache), full)
+    again = LocalRuntime(resume_from=tmp_path / "full" / "epoch-002", keep_dir=tmp_path / "re")
+    train_loop(_cfg(tiny_world, vcr_cache), again)
+    assert again.history == [full.history[-1]]
+    assert again.history[0]["epoch"] == 2 and again.history[0]["score"] == full.history[-1]["score"]
+    assert not (tmp_path / "re").exists()
+
+
 def test_checkpoint_describes_itself(tiny_world, vcr_cache, tmp_path):
     rt = LocalRuntime(keep_dir=tmp_path)
     train_loop(_cfg(tiny_world, vcr_cache, epochs=1, seed=3), rt)
@@ -91,8 +104,9 @@ def test_patience_stops_a_run_that_stopped_improving(tiny_world, vcr_cache, tmp_
     state = load_checkpoint_file(tmp_path / "ck" / "epoch-002" / "checkpoint.pt",
                                  CHECKPOINT_FORMAT)
     assert state["early_stop"]["stopped"]
-    again = LocalRuntime(resume_from=tmp_path / "ck" / "epoch-002")
+    again = LocalRuntime(resume_from=tmp_path / "ck" / "epoch-002", keep_dir=tmp_path / "re")
     train_loop(cfg, again)
-    assert again.history == []
+    # no training, no checkpoint: the ended run's last result reported again, as it was
+    assert again.history == [last] and not (tmp_path / "re").exists()
     with pytest.raises(ValueError, match="patience"):
         resolve_config({"patience": -1})
