@@ -8,7 +8,8 @@ not a clean stop), kept down for ``OUTAGE_S`` while trials train, then restarted
 port and backend. So the outage hits the first two trials' last epochs (logged into their
 buffers, which the search replays when it closes their runs: Tune stops a trial right
 after its last report, before its logger can retry) and, on this machine, the third
-trial's start (its run cannot be opened yet: it waits). The sweep must exit 0, every Tune
+trial's start (its run cannot be opened yet: the trial trains anyway, and the search's
+process opens the run with a later result). The sweep must exit 0, every Tune
 trial must have exactly one MLflow run holding every epoch Ray saw it report (the final
 one included, with the same score), no metric may be left in a local buffer, and the
 output must say that the server was unreachable and when it came back.
