@@ -87,6 +87,12 @@ def markdown(results: dict) -> str:
                 f" of trial wall time (training + evaluation {k['loop_share_mean']:.0%}); "
                 f"launch → first step {k['first_step_s_mean']:.0f} s, → first result "
                 f"{k['first_result_s']:.0f} s{vs}", "ray")
+        if "sequence" in f:
+            q = f["sequence"]
+            row(f"starting a light trial in a long sweep ({q['trials']} one after another)",
+                f"{q['fresh']['start_s_mean']:.1f} s with a fresh actor, "
+                f"{q['reused']['start_s_mean']:.1f} s with the actor reused (the sweep's "
+                "default)", "ray")
         if "throughput_2_vs_1_workers" in f:
             row("worker scaling, 2 vs 1 Ray Train workers",
                 f"{f['throughput_2_vs_1_workers']:.2f}×", "ray")

@@ -139,6 +139,41 @@ def two_concurrent_trials(cfg: dict, storage: str, name: str, kind: str = "train
     return grid, launch
 
 
+def sequential_trials(cfg: dict, storage: str, name: str, reuse: bool, n: int = 3):
+    """``n`` light trials of ``cfg`` (seeds 0..n-1) one after another on one slot, their
+    actor reused between trials or not → the result grid, in trial order."""
+    from ray import tune
+
+    from cliptd.sweep.driver import train_driver_fn, trial_resources, tune_run_options
+
+    meta = {"sweep_id": name, "tracking_uri": None, "storage_path": storage, "workers": 1,
+            "gpus_per_worker": 0, "cpus_per_worker": 1, "max_failures": 0, "base": cfg,
+            "condition": name, "phase": "bench", "searcher_seed": 0, "versions": {},
+            "trial_kind": "light"}
+    trainable = tune.with_resources(tune.with_parameters(train_driver_fn, meta=meta),
+                                    trial_resources(meta, {"CPU": 0.2}))
+    trainable.__name__ = f"train_driver_fn_{name}"
+    grid = tune.Tuner(
+        trainable, param_space={"seed": tune.grid_search(list(range(n)))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=1, reuse_actors=reuse),
+        run_config=tune.RunConfig(name=f"{name}-{int(time.time())}", storage_path=storage,
+                                  verbose=0, **tune_run_options(meta))).fit()
+    errors = [r.error for r in grid if r.error is not None]
+    if errors:
+        raise RuntimeError(f"a sequential trial failed: {errors[0]}")
+    return sorted(grid, key=lambda r: r.metrics["config"]["seed"])
+
+
+def start_costs(grid) -> list[float]:
+    """For each trial after the first: the seconds from the previous trial's last result to
+    its own first, less its first epoch's training and evaluation — what starting a trial
+    costs in a long sweep (actor start or reset, imports, data and model set-up)."""
+    frames = [r.metrics_dataframe.sort_values("epoch") for r in grid]
+    return [float(f["timestamp"].iloc[0] - prev["timestamp"].iloc[-1]
+                  - f["train/seconds"].iloc[0] - f["time/eval_s"].iloc[0])
+            for prev, f in zip(frames, frames[1:], strict=False)]
+
+
 def first_step_s(df, launch: float) -> float:
     """Launch → the first training step: the first result minus its epoch's training and
     evaluation time (a trial's metrics dataframe; Tune's timestamps are whole seconds)."""
@@ -258,6 +293,20 @@ def bench_ray(base: dict, args) -> dict:
                 # Ray's own seconds: a trial's time beyond the loop's parts, less the plain
                 # script's (its interpreter, imports and checkpoint writes)
                 k["ray_s_mean"] = k["other_s_mean"] - plain["other_s_mean"]
+    if args.sequence:
+        # light trials one after another, as a long sweep runs them: one epoch each on 5 %,
+        # scored on the fixed sample (what matters here is the start of each trial)
+        seq_cfg = {**cfg, "epochs": 1, "shots": 0.05, "eval_split": None}
+        out["sequence"] = {"trials": args.sequence}
+        for reuse in (False, True):
+            grid = sequential_trials(seq_cfg, storage, f"ray-seq-reuse{int(reuse)}", reuse,
+                                     args.sequence)
+            costs = start_costs(grid)
+            out["sequence"]["reused" if reuse else "fresh"] = {
+                "start_s": costs, "start_s_mean": float(np.mean(costs)),
+                "pids": len({r.metrics["pid"] for r in grid})}
+            print(f"[bench] sequence, actors {'reused' if reuse else 'fresh'}: start "
+                  f"{np.mean(costs):.1f} s per trial", flush=True)
     if not args.no_scaling:
         speeds = {}
         for workers in (1, 2):
@@ -349,6 +398,9 @@ def main(argv=None) -> int:
                         help="ray: which runs to time, in this order (light, train, plain)")
     parser.add_argument("--no-scaling", action="store_true",
                         help="ray: skip the 1 vs 2 Ray Train workers run")
+    parser.add_argument("--sequence", type=int, default=3, metavar="N",
+                        help="ray: also N light trials one after another on one slot, actors "
+                        "fresh vs reused: what starting a trial costs in a long sweep (0: skip)")
     parser.add_argument("--world-steps", type=int, default=None,
                         help="pre-training steps of the world's teacher and student (default: "
                         "the budget's). Timing benchmarks only: the step cost does not "
@@ -370,6 +422,12 @@ def main(argv=None) -> int:
         print(f"\n2 concurrent runs of each kind, {args.epochs} epochs, 25 % VCR "
               f"(Tune timestamps are whole seconds):\n")
         print(ray_table(res))
+        if "sequence" in res:
+            q = res["sequence"]
+            print(f"\n{q['trials']} light trials one after another (1 epoch, 5 % VCR): "
+                  f"starting each after the first costs {q['fresh']['start_s_mean']:.1f} s "
+                  f"with a fresh actor, {q['reused']['start_s_mean']:.1f} s with the actor "
+                  f"reused ({q['reused']['pids']} process(es) for {q['trials']} trials)")
         if "throughput_2_vs_1_workers" in res:
             print(f"\n2 vs 1 Ray Train workers throughput "
                   f"{res['throughput_2_vs_1_workers']:.2f}x")

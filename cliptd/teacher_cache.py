@@ -20,11 +20,16 @@ which should be the cluster's shared storage.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-from cliptd.cli.common import build_teacher_cache, die, init_ray, teacher_cache_root
+from cliptd.cli.common import (
+    build_teacher_cache,
+    cluster_address,
+    die,
+    init_ray,
+    teacher_cache_root,
+)
 from cliptd.core.errors import DataError
 from cliptd.core.invocation import prog
 from cliptd.data.prepare import load_manifest
@@ -61,7 +66,7 @@ def main(argv=None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pool = None
-    if args.address or os.environ.get("RAY_ADDRESS") or args.actors:
+    if cluster_address(args) or args.actors:
         import ray
 
         from cliptd.teacher.cache import ray_pool

@@ -123,16 +123,24 @@ CLUSTER_ENV = ("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "RAY_TRAIN_HEALTH_CHECK
                "TOKENIZERS_PARALLELISM", "CLIPTD_TRACKING_PATIENCE_S")
 
 
+def cluster_address(args) -> str | None:
+    """The Ray cluster a command joins: ``--address``, else ``$RAY_ADDRESS`` (which ``ray job
+    submit`` sets), unless that names the local instance a cliptd command started for itself
+    (its child processes inherit it: not a cluster); None: no cluster."""
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address and address == os.environ.get("CLIPTD_LOCAL_RAY"):
+        return None
+    return address or None
+
+
 def init_ray(args, **kwargs) -> None:
-    """Join the cluster at ``--address`` (or ``$RAY_ADDRESS``, which ``ray job submit``
-    sets), else start a local Ray instance on loopback."""
+    """Join the cluster at ``cluster_address(args)``, else start a local Ray instance on
+    loopback."""
     import ray
 
     if ray.is_initialized():
         return
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    if address and address == os.environ.get("CLIPTD_LOCAL_RAY"):
-        address = None  # inherited from a cliptd command's own local instance, not a cluster
+    address = cluster_address(args)
     if address:
         # The settings this process relies on reach the cluster's processes too (trial
         # drivers, Train controllers, workers start from their node's raylet, not from

@@ -97,9 +97,20 @@ def problems_from_table(task: str, table: pa.Table, image_root: Path,
 class ImageStore:
     """Decoded, resized images kept in memory (bounded LRU): every epoch re-reads them."""
 
+    _shared: dict[int, ImageStore] = {}
+
     def __init__(self, size: int, capacity: int = 50_000):
         self.size, self.capacity = size, capacity
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    @classmethod
+    def shared(cls, size: int) -> ImageStore:
+        """This process's store for ``size``: a sweep's next trial in the same (reused) Tune
+        actor finds the images it shares with the last one already decoded. An image is
+        keyed by its path; a file rewritten in place under the same path is not noticed."""
+        if size not in cls._shared:
+            cls._shared[size] = cls(size)
+        return cls._shared[size]
 
     def get(self, path: str) -> torch.Tensor:
         img = self._cache.get(path)

@@ -74,6 +74,18 @@ def tune_run_options(meta: dict) -> dict:
     return {"failure_config": ray.tune.FailureConfig(max_failures=1)}
 
 
+def reuse_actors(meta: dict) -> bool:
+    """Whether a search's trials reuse their Tune actors: light trials do. A light trial's
+    actor is its worker: Ray's worker start, torch, transformers and the loop's imports, and
+    the images and teacher targets the last trial decoded and read (``ImageStore.shared``,
+    ``cliptd.training.run.last_cache_load``) stay for the next trial instead of being paid
+    again. Tune resets a function trial's actor only once its function has ended (a stopped
+    trial ends at its next report: Tune reports synchronously), and starts a new one when it
+    cannot; every trial still seeds, resumes and reports on its own. A ``train`` trial's
+    driver is cheap to start, and its workers are Ray Train's, started per run anyway."""
+    return kind_of(meta) == "light"
+
+
 def train_driver_fn(config: dict, meta: dict) -> None:
     """One Tune trial: resolve its config, train.
 

@@ -6,7 +6,7 @@ import math
 
 from cliptd.core.config import resolve_config
 from cliptd.core.errors import SweepError
-from cliptd.sweep.driver import train_driver_fn, trial_resources, tune_run_options
+from cliptd.sweep.driver import reuse_actors, train_driver_fn, trial_resources, tune_run_options
 from cliptd.sweep.records import close_runs, mark_compared
 from cliptd.sweep.space import to_tune
 
@@ -95,7 +95,8 @@ def search(job: dict, concurrency: int) -> dict:
                               reduction_factor=budget.reduction_factor)
     tune_config = tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                                   num_samples=budget.num_samples if params else 1,
-                                  max_concurrent_trials=None if searcher else concurrency)
+                                  max_concurrent_trials=None if searcher else concurrency,
+                                  reuse_actors=reuse_actors(meta))
     meta = {**meta, "condition": condition, "method": method, "phase": "search",
             "base": job["base"]}
     grid = run_tuner(f"{meta['sweep_id']}-search-{condition}-{method}", args.storage_path,
@@ -133,7 +134,8 @@ def rerun_seeds(job: dict, concurrency: int) -> dict:
              "subset_seed": tune.sample_from(lambda spec: spec.config["seed"])}
     grid = run_tuner(f"{meta['sweep_id']}-seeds-{job['condition']}-{job['method']}",
                      job["args"].storage_path, space,
-                     tune.TuneConfig(max_concurrent_trials=concurrency), job["resources"],
+                     tune.TuneConfig(max_concurrent_trials=concurrency,
+                                     reuse_actors=reuse_actors(meta)), job["resources"],
                      meta, job["args"].resume)
     records = close_runs(grid, meta, "seeds")
     for rec in records:

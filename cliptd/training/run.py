@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,13 +86,13 @@ def build_run(cfg: dict) -> RunParts:
     if distill.lam > 0:
         if not cfg["teacher_cache"]:
             raise ValueError(f"method {distill.method!r} needs a teacher cache (teacher_cache)")
-        teacher = load_cache(Path(cfg["teacher_cache"]), {p.key for p in train})
+        teacher = last_cache_load(Path(cfg["teacher_cache"]), frozenset(p.key for p in train))
         missing = [p.key for p in train if p.key not in teacher]
         if missing:
             raise DataError(f"teacher cache {cfg['teacher_cache']} lacks {len(missing)} "
                             f"training problems (e.g. {missing[0]}): rebuild it")
         teacher_dim = next(iter(teacher.values()))["pooled"].shape[-1]
-    images = ImageStore(student.cfg.image_size)
+    images = ImageStore.shared(student.cfg.image_size)
     num_outputs = outputs if task == "vqa" else 0
     return RunParts(
         task=CLIPTDTask(student, distill, teacher_dim), tokenizer=tokenizer, train=train,
@@ -101,6 +102,21 @@ def build_run(cfg: dict) -> RunParts:
         collate_eval=Collator(tokenizer, images, max_length=cfg["max_length"],
                               num_outputs=num_outputs),
         vocab=vocab)
+
+
+def last_cache_load(folder: Path, keys: frozenset[str]) -> dict[str, dict]:
+    """The teacher targets of ``keys``, kept for this process's next run of the same training
+    subset (a sweep's trials of one condition, one after another in a reused Tune actor).
+    Read-only: the collator only reads them. A cache folder is written whole, then marked
+    ``_SUCCESS``: its path and that mark's time identify its contents."""
+    success = folder / "_SUCCESS"
+    stamp = success.stat().st_mtime_ns if success.exists() else None
+    return _cache_load(folder, stamp, keys)
+
+
+@functools.lru_cache(maxsize=1)
+def _cache_load(folder: Path, stamp: int | None, keys: frozenset[str]) -> dict[str, dict]:
+    return load_cache(folder, set(keys))
 
 
 def to_device(batch: dict, device) -> dict:

@@ -6,6 +6,8 @@ a one-worker TorchTrainer give the same metrics for the same config and seed."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -25,10 +27,17 @@ def ray_local():
 
     # the commands' own start-up: beside another Ray instance (another test run, a
     # cluster test) Train's helpers must still find this one
+    exported = ("RAY_ADDRESS", "CLIPTD_LOCAL_RAY", "RAY_GCS_SERVER_PORT")
+    before = {k: os.environ.get(k) for k in exported}
     init_ray(SimpleNamespace(address=None), num_cpus=2, include_dashboard=False,
              log_to_driver=False)
     yield
     ray.shutdown()
+    for k, v in before.items():  # what init_ray exported, not left to later tests
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +119,29 @@ def test_light_trial_matches_a_one_worker_torchtrainer(clean, cfg, tmp_path):
         state = load_checkpoint_file(f"{d}/checkpoint.pt")
     assert str(light.checkpoint.path).startswith(str(tmp_path / "ray"))
     assert state["epoch"] == 2 and state["metrics"]["epoch"] == 3
+
+
+def test_light_trials_reuse_their_actor_with_the_same_results(clean, cfg, tmp_path):
+    """A search's light trials one after another in one reused Tune actor (its imports,
+    decoded images and teacher targets kept, ``cliptd.sweep.driver.reuse_actors``): each
+    trial still ends exactly as the uninterrupted reference run does."""
+    from ray import tune
+
+    from cliptd.sweep.driver import reuse_actors
+    from cliptd.sweep.search import run_tuner
+
+    meta = {"sweep_id": "reused", "tracking_uri": None, "storage_path": str(tmp_path / "ray"),
+            "workers": 1, "gpus_per_worker": 0, "cpus_per_worker": 1.0, "max_failures": 0,
+            "base": cfg, "condition": "reused", "method": "none", "phase": "test",
+            "searcher_seed": 0, "versions": {}, "trial_kind": "light"}
+    assert reuse_actors(meta) and not reuse_actors({**meta, "trial_kind": "train"})
+    grid = run_tuner("reused", str(tmp_path / "ray"), {"seed": tune.grid_search([0, 0, 0])},
+                     tune.TuneConfig(max_concurrent_trials=1, reuse_actors=reuse_actors(meta)),
+                     {"driver": {"CPU": 0.2}}, meta, resume=False)
+    assert len(grid) == 3 and all(r.error is None for r in grid)
+    assert len({r.metrics["pid"] for r in grid}) == 1, "the trials did not share their actor"
+    for r in grid:
+        _same(r.metrics, clean.metrics)
 
 
 @pytest.mark.parametrize("kind", ["light", "train"])

@@ -128,8 +128,10 @@ def test_local_ray_runs_without_preemption_watcher(monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
     # set, then unset: monkeypatch then restores the original state whatever init_ray does
-    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "x")
-    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
+    for var in ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_ADDRESS", "CLIPTD_LOCAL_RAY",
+                "RAY_GCS_SERVER_PORT"):  # what a local start exports, never left to later tests
+        monkeypatch.setenv(var, "x")
+        monkeypatch.delenv(var)
     init_ray(types.SimpleNamespace(address="ray://head:10001"))
     assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ
     init_ray(types.SimpleNamespace(address=None))
@@ -138,6 +140,24 @@ def test_local_ray_runs_without_preemption_watcher(monkeypatch):
     monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")  # the user's choice wins
     init_ray(types.SimpleNamespace(address=None))
     assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "1"
+
+
+def test_the_cluster_address_is_never_a_commands_own_local_instance(monkeypatch):
+    """$RAY_ADDRESS names a cluster (``ray job submit`` sets it) unless it is the local
+    instance a cliptd command started and its children inherited."""
+    import types
+
+    from cliptd.cli.common import cluster_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("CLIPTD_LOCAL_RAY", raising=False)
+    none = types.SimpleNamespace(address=None)
+    assert cluster_address(none) is None
+    assert cluster_address(types.SimpleNamespace(address="10.0.0.1:6379")) == "10.0.0.1:6379"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.2:6379")
+    assert cluster_address(none) == "10.0.0.2:6379"
+    monkeypatch.setenv("CLIPTD_LOCAL_RAY", "10.0.0.2:6379")
+    assert cluster_address(none) is None
 
 
 def _gpu_yaml() -> dict:
