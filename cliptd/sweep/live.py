@@ -119,4 +119,20 @@ class LiveTracking(Callback):
         self._ended(trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        """A trial that failed for good (``on_trial_recover`` is Tune's call for a retry):
+        its run is marked FAILED here, since one that never reported has no ``trial_id``
+        in Ray's results for ``close_runs`` to find it by."""
         self._ended(trial)
+        if trial.trial_id not in self._opened:
+            return
+        from cliptd.tracking import runs as tracking
+
+        try:
+            c = tracking.client(self.uri)
+            for run in c.search_runs([self.experiment_id], filter_string=(
+                    f"tags.`cliptd.trial_id` = '{self.sweep_id}/{trial.trial_id}'")):
+                if run.info.status == "RUNNING":
+                    c.set_terminated(run.info.run_id, status="FAILED")
+        except Exception as exc:  # noqa: BLE001 - never stop the search over tracking
+            log.warning("trial %s: its MLflow run could not be marked FAILED: %s",
+                        trial.trial_id, exc)

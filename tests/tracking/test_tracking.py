@@ -472,5 +472,13 @@ def test_live_tracking_opens_each_trials_run_and_logs_its_results(store, tiny_wo
     cb.on_trial_complete(0, [], other)
     assert [m.value for m in c.get_metric_history(run2.info.run_id, "score")] == [0.3]
 
+    # a trial that failed for good before its first report: its run ends FAILED
+    monkeypatch.setattr(records, "open_trial_run", real)
+    failing = SimpleNamespace(trial_id="t3", config={"lr": 0.001})
+    cb.on_trial_start(0, [], failing)
+    cb.on_trial_error(0, [], failing)
+    (run3,) = runs_of("t3")
+    assert run3.info.status == "FAILED"
+
     restored = pickle.loads(pickle.dumps(cb))  # Tune saves its callbacks with the sweep
     assert restored.meta == cb.meta and restored._opened == set()
