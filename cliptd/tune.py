@@ -88,7 +88,7 @@ def write_best(out: Path, condition: str, method: str, base: dict, sample: dict)
 
 def log_best_student(out: Path, sweep: str, condition: str, method: str, result: dict,
                      uri: str, experiment_id: str, parent: str) -> tuple[Path | None, str | None]:
-    """The search's best student (its best trial's best checkpoint) exported as a
+    """The search's best student (its best trial's last checkpoint) exported as a
     transformers folder under ``out/best/`` and logged as an MLflow model of that trial's
     run, and listed among the sweep's parent run's outputs; once per sweep (a resumed sweep
     finds it logged). (None, None) when the best trial kept no checkpoint."""

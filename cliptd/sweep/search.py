@@ -44,31 +44,32 @@ def run_tuner(name: str, storage: str, param_space: dict, tune_config, resources
     return tuner.fit()
 
 
-def best_checkpoint(result):
-    """The best (by ``score``) checkpoint a trial still holds, or None.
+def final_checkpoint(result):
+    """A trial's last checkpoint: the student of the epoch its final metrics (the whole eval
+    split, which the search ranked it by) come from; None when it kept none.
 
-    A light trial's checkpoints are Tune's own (``best_checkpoints``); a ``train`` trial's
-    are Ray Train's, which Tune knows only by the ``checkpoint_path`` each report carried
-    (``TuneReportCallback``), some since deleted by Train's ``num_to_keep``."""
-    import pyarrow.fs
+    A light trial's checkpoints are Tune's own (``result.checkpoint``, the latest); a
+    ``train`` trial's are Ray Train's, which Tune knows only by the ``checkpoint_path``
+    each report carried (``TuneReportCallback``; a finished run restarted by a restored
+    sweep re-reports its last result with it, ``RayRuntime.report_again``)."""
     from ray.tune import Checkpoint
 
-    if result.best_checkpoints:
-        return result.get_best_checkpoint(metric="score", mode="max")
-    df = result.metrics_dataframe
-    if df is None or "checkpoint_path" not in df or "score" not in df:
+    if result.checkpoint is not None:
         return result.checkpoint
-    rows = df.dropna(subset=["checkpoint_path", "score"]).sort_values("score", ascending=False)
-    for path in rows["checkpoint_path"]:
-        if result.filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
-            return Checkpoint(path, filesystem=result.filesystem)
-    return result.checkpoint
+    df = result.metrics_dataframe
+    if df is None or "checkpoint_path" not in df:
+        return None
+    rows = df.dropna(subset=["checkpoint_path"])
+    if not len(rows):
+        return None
+    last = rows.sort_values("epoch")["checkpoint_path"].iloc[-1]
+    return Checkpoint(last, filesystem=result.filesystem)
 
 
 def search(job: dict, concurrency: int) -> dict:
     """Optuna (TPE, seeded, study in SQLite) + ASHA on `epoch` for one (condition, method).
 
-    Returns the best sample, the trials' records, the best trial (its id and best
+    Returns the best sample, the trials' records, the best trial (its id and last
     checkpoint: the sweep's student for this search), and the best trial's record when it
     ran every epoch: its last epoch evaluated on the whole eval split with seed 0, exactly
     what a seed-0 re-run would give, so it stands as seed 0 of the comparison."""
@@ -121,7 +122,7 @@ def search(job: dict, concurrency: int) -> dict:
     return {"sample": dict(best.config), "trials": len(grid), "reused": reused,
             "best_trial": f"{meta['sweep_id']}/{best.metrics['trial_id']}",
             "best_epoch": int(best.metrics.get("epoch", 0)),
-            "checkpoint": best_checkpoint(best)}
+            "checkpoint": final_checkpoint(best)}
 
 
 def rerun_seeds(job: dict, concurrency: int) -> dict:

@@ -123,7 +123,7 @@ def train_loop(config: dict, rt) -> None:
             # driver died between a trial's last report and its end) needs its result
             # again: a trial that reports nothing fails Tune's metric check. Reported as
             # it was, without a new checkpoint; MLflow already has it (logged once per epoch).
-            rt.report(state["metrics"], None, state["epoch"] + 1)
+            rt.report_again(state["metrics"], state["epoch"] + 1)
     tracker = rt.tracker(cfg["tracking"])
     # Epochs this run already logged before a crash or a killed driver: a restart from an
     # earlier checkpoint re-runs them (exactly: same values), and MLflow must not get them

@@ -61,6 +61,11 @@ class Runtime:
                 tracker.log_metrics(metrics, step=index)
             self.report(metrics, folder, index, unit)
 
+    def report_again(self, metrics: dict, index: int) -> None:
+        """An ended run's last result reported once more, as it was, with no new
+        checkpoint (a restarted run that has nothing left to train)."""
+        self.report(metrics, None, index)
+
     def agree(self, flag: bool) -> bool:
         """Rank 0's ``flag`` on every rank (a decision only rank 0 could make)."""
         if self.world == 1:
@@ -136,6 +141,12 @@ class RayRuntime(Runtime):
                ) -> None:
         ckpt = self._train.Checkpoint.from_directory(folder) if folder else None
         self._train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"{unit}-{epoch:03d}")
+
+    def report_again(self, metrics: dict, index: int) -> None:
+        # with the path of the checkpoint it belongs to, as a report with a checkpoint
+        # reaches a Tune trial (``TuneReportCallback``): the sweep finds the student by it
+        ckpt = self._train.get_checkpoint()
+        self.report({**metrics, "checkpoint_path": ckpt.path} if ckpt else metrics, None, index)
 
 
 class TuneRuntime(Runtime):

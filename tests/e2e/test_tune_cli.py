@@ -1,7 +1,8 @@
 """End to end: the real ``python -m cliptd.tune`` CLI on a tiny embedded world — what lands
 in MLflow (one run per trial, with the metric and the searched params), and a sweep whose
-driver is SIGKILLed mid-sweep, then completed by ``--resume``; each for both kinds of trial
-(light: the loop in the Tune trial; train: a one-worker TorchTrainer)."""
+driver is SIGKILLed mid-sweep, then completed by ``--resume``, for both kinds of trial
+(light: the loop in the Tune trial; train: a one-worker TorchTrainer); the full record of
+a sweep for the default (light) kind."""
 
 from __future__ import annotations
 
@@ -41,11 +42,11 @@ def _trial_runs(tmp: Path):
 KINDS = pytest.mark.parametrize("kind", ["light", "train"])
 
 
-@KINDS
-def test_tune_cli_records_every_trial(tmp_path, world_cache, kind):
-    # light, the default kind: two searches at once; train: one (the suite's time: a train
-    # trial costs its TorchTrainer's processes, test_driver_sigkill_then_resume covers it too)
-    methods = ["cliptd", "none"] if kind == "light" else ["cliptd"]
+def test_tune_cli_records_every_trial(tmp_path, world_cache, kind="light"):
+    # the default kind; train trials' records are checked after the killed-and-resumed
+    # sweep of test_driver_sigkill_then_resume (the suite's time: a train trial costs its
+    # TorchTrainer's processes)
+    methods = ["cliptd", "none"]
     cmd, env = _cmd(tmp_path, world_cache, "--methods", ",".join(methods), "--name", "e2e",
                     "--trial-kind", kind)
     proc = run_cli(cmd, env, tmp_path, 720, tmp_path / "tune.log")
@@ -86,16 +87,20 @@ def test_tune_cli_records_every_trial(tmp_path, world_cache, kind):
                 r.data.params)
     assert len(list((tmp_path / "out" / "best").glob("*.yaml"))) == len(methods)
     assert (tmp_path / "out" / "comparison.md").read_text().count("|") > 10
-    # each search's best student: a transformers folder, logged as a model of its best
-    # trial's run (a light trial's checkpoint is Tune's, a train trial's Ray Train's)
+    _check_best_students(tmp_path, client, parents[0], search, methods, out)
+
+
+def _check_best_students(tmp_path, client, parent, search, methods, out):
+    """Each search's best student: a transformers folder, logged as a model of its best
+    trial's run (a light trial's checkpoint is Tune's, a train trial's Ray Train's)."""
     students = sorted((tmp_path / "out" / "best").glob("*-student"))
     assert [p.name for p in students] == sorted(
         f"synthetic-shots0.05-{m}-student" for m in methods), students
     assert all((p / "model.safetensors").is_file() for p in students)
-    models = client.search_logged_models([parents[0].info.experiment_id])
+    models = client.search_logged_models([parent.info.experiment_id])
     assert len(models) == len(methods) and {m.source_run_id for m in models} <= {
         r.info.run_id for r in search}
-    assert len(parents[0].outputs.model_outputs) == len(methods)
+    assert len(client.get_run(parent.info.run_id).outputs.model_outputs) == len(methods)
     assert out.count("(MLflow logged model m-") == len(methods)
 
 
@@ -138,6 +143,9 @@ def test_driver_sigkill_then_resume(tmp_path, world_cache, kind):
         assert len(steps) == len(set(steps)), f"epochs logged twice: {steps}"
         assert r.info.status == "FINISHED"
         assert r.data.tags["trial_kind"] == kind
+        assert "val/id/q_a" in r.data.metrics and r.data.params["distill.method"] == "cliptd"
+    assert all(r.info.status == "FINISHED" for r in trials)
+    _check_best_students(tmp_path, client, parents[0], search, ["cliptd"], done.stdout)
     import optuna
 
     study = optuna.load_study(study_name="killed-synthetic-shots0.05-cliptd",
