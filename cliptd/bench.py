@@ -115,28 +115,37 @@ def bench_science(base: dict, shots: list, seeds: int, methods: list[str], epoch
     return records
 
 
-def two_concurrent_trials(cfg: dict, storage: str, name: str, kind: str = "train"):
-    """Two Tune trials of ``cfg`` (seeds 0 and 1) started together through the sweep's own
-    trial function, resources and run options, as ``kind`` trials (``light``: the loop in the
-    trial's process; ``train``: a 1-worker TorchTrainer) → (result grid, launch time)."""
+def _bench_tuner(cfg: dict, storage: str, name: str, kind: str, seeds: list[int],
+                 cpus_per_worker: float, tune_config):
+    """Trials of ``cfg``, one per seed, through the sweep's own trial function, resources
+    and run options → (result grid, launch time)."""
     from ray import tune
 
     from cliptd.sweep.driver import train_driver_fn, trial_resources, tune_run_options
 
     meta = {"sweep_id": name, "tracking_uri": None, "storage_path": storage, "workers": 1,
-            "gpus_per_worker": 0, "cpus_per_worker": 0.8, "max_failures": 0, "base": cfg,
-            "condition": name, "phase": "bench", "searcher_seed": 0, "versions": {},
-            "trial_kind": kind}
+            "gpus_per_worker": 0, "cpus_per_worker": cpus_per_worker, "max_failures": 0,
+            "base": cfg, "condition": name, "phase": "bench", "searcher_seed": 0,
+            "versions": {}, "trial_kind": kind}
     trainable = tune.with_resources(tune.with_parameters(train_driver_fn, meta=meta),
                                     trial_resources(meta, {"CPU": 0.2}))
     trainable.__name__ = f"train_driver_fn_{name}"
     launch = time.time()
     grid = tune.Tuner(
-        trainable, param_space={"seed": tune.grid_search([0, 1])},
-        tune_config=tune.TuneConfig(max_concurrent_trials=2),
+        trainable, param_space={"seed": tune.grid_search(seeds)}, tune_config=tune_config,
         run_config=tune.RunConfig(name=f"{name}-{int(launch)}", storage_path=storage,
                                   verbose=0, **tune_run_options(meta))).fit()
     return grid, launch
+
+
+def two_concurrent_trials(cfg: dict, storage: str, name: str, kind: str = "train"):
+    """Two Tune trials of ``cfg`` (seeds 0 and 1) started together as ``kind`` trials
+    (``light``: the loop in the trial's process; ``train``: a 1-worker TorchTrainer) →
+    (result grid, launch time)."""
+    from ray import tune
+
+    return _bench_tuner(cfg, storage, name, kind, [0, 1], 0.8,
+                        tune.TuneConfig(max_concurrent_trials=2))
 
 
 def sequential_trials(cfg: dict, storage: str, name: str, reuse: bool, n: int = 3):
@@ -144,20 +153,8 @@ def sequential_trials(cfg: dict, storage: str, name: str, reuse: bool, n: int = 
     actor reused between trials or not → the result grid, in trial order."""
     from ray import tune
 
-    from cliptd.sweep.driver import train_driver_fn, trial_resources, tune_run_options
-
-    meta = {"sweep_id": name, "tracking_uri": None, "storage_path": storage, "workers": 1,
-            "gpus_per_worker": 0, "cpus_per_worker": 1, "max_failures": 0, "base": cfg,
-            "condition": name, "phase": "bench", "searcher_seed": 0, "versions": {},
-            "trial_kind": "light"}
-    trainable = tune.with_resources(tune.with_parameters(train_driver_fn, meta=meta),
-                                    trial_resources(meta, {"CPU": 0.2}))
-    trainable.__name__ = f"train_driver_fn_{name}"
-    grid = tune.Tuner(
-        trainable, param_space={"seed": tune.grid_search(list(range(n)))},
-        tune_config=tune.TuneConfig(max_concurrent_trials=1, reuse_actors=reuse),
-        run_config=tune.RunConfig(name=f"{name}-{int(time.time())}", storage_path=storage,
-                                  verbose=0, **tune_run_options(meta))).fit()
+    grid, _ = _bench_tuner(cfg, storage, name, "light", list(range(n)), 1,
+                           tune.TuneConfig(max_concurrent_trials=1, reuse_actors=reuse))
     errors = [r.error for r in grid if r.error is not None]
     if errors:
         raise RuntimeError(f"a sequential trial failed: {errors[0]}")

@@ -37,17 +37,19 @@ class LiveTracking(Callback):
 
     def __init__(self, meta: dict):
         self.meta = {k: meta.get(k) for k in self._META}
+        self.__setstate__(self.meta)
+
+    def __getstate__(self):  # Tune saves its callbacks with the experiment: config only
+        return self.meta
+
+    def __setstate__(self, meta: dict):
+        self.meta = meta
         self.uri, self.experiment_id = meta["tracking_uri"], meta["experiment_id"]
         self.sweep_id = meta["sweep_id"]
         self._loggers: dict[str, object] = {}
         self._pending: dict[str, list[dict]] = {}
         self._opened: set[str] = set()
         self._waiting: set[str] = set()
-
-    def __getstate__(self):  # Tune saves its callbacks with the experiment: config only
-        return {"meta": self.meta, "uri": self.uri, "experiment_id": self.experiment_id,
-                "sweep_id": self.sweep_id, "_loggers": {}, "_pending": {}, "_opened": set(),
-                "_waiting": set()}
 
     def _open(self, trial) -> bool:
         """The trial's run opened (once): False while the server cannot be reached."""
