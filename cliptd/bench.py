@@ -25,9 +25,10 @@ import torch
 
 from cliptd.cli.common import add_common_args, setup_embedded
 from cliptd.core.atomic import atomic_write
-from cliptd.core.config import resolve_config
+from cliptd.core.config import PRIMARY_METRIC, resolve_config
 from cliptd.core.invocation import prog
-from cliptd.tracking.table import comparison_rows, paired_rows, to_markdown
+from cliptd.synthetic.scene import STUDENT_UNSEEN
+from cliptd.tracking.table import comparison_rows, paired_rows, qtype_metrics, to_markdown
 from cliptd.training.loop import train_loop
 from cliptd.training.run import build_run
 from cliptd.training.runtime import LocalRuntime
@@ -105,9 +106,11 @@ def bench_science(base: dict, shots: list, seeds: int, methods: list[str], epoch
                 final = rt.history[-1]
                 records.append({"condition": f"shots={s}", "method": method, "seed": seed,
                                 "metrics": final, "seconds": time.time() - t})
-                print(f"shots={s} {method:<13} seed={seed}  in-domain q_a="
-                      f"{final.get('val/id/q_a', final.get('score')):.3f}  shifted q_a="
-                      f"{final.get('val/shift/q_a', float('nan')):.3f}  "
+                primary = PRIMARY_METRIC[cfg["task"]]
+                print(f"shots={s} {method:<13} seed={seed}  in-domain {primary}="
+                      f"{final['score']:.3f}  shifted {primary}="
+                      f"{final.get(f'val/shift/{primary}', float('nan')):.3f}  "
+                      f"steps={final['step']} epochs={final['epoch']}  "
                       f"({time.time() - t:.0f} s)", flush=True)
                 if partial:
                     atomic_write(partial, json.dumps({"records": records}, indent=1,
@@ -407,7 +410,9 @@ def main(argv=None) -> int:
     world, caches = _setup_world(args)
     base = {"task": args.task, "data": str(world.data[args.task]),
             "student": str(world.student), "teacher_cache": str(caches[args.task]),
-            "preset": "synthetic"}
+            "preset": "synthetic",
+            # scored apart: the questions about what the student's corpus never showed
+            "eval_words": {"student_unseen": list(STUDENT_UNSEEN)}}
     if args.what == "probe":
         from cliptd.embedded import probe
 
@@ -444,13 +449,10 @@ def main(argv=None) -> int:
             partial.parent.mkdir(parents=True, exist_ok=True)
         records = bench_science(base, shots, args.seeds, args.methods.split(","), args.epochs,
                                 extra, partial, args.first_seed)
-        metrics = {"in-domain q_a": "val/id/q_a", "shifted q_a": "val/shift/q_a"}
-        qtypes = sorted({k.split("/")[3] for r in records for k in r["metrics"]
-                         if k.startswith("val/id/qtype/")})
-        for q in qtypes:
-            metrics[f"in-domain q_a [{q}]"] = f"val/id/qtype/{q}/q_a"
-        for q in qtypes:
-            metrics[f"shifted q_a [{q}]"] = f"val/shift/qtype/{q}/q_a"
+        primary = PRIMARY_METRIC[args.task]
+        metrics = {f"in-domain {primary}": f"val/id/{primary}",
+                   f"shifted {primary}": f"val/shift/{primary}",
+                   **qtype_metrics(records, primary)}
         rows = comparison_rows(records, metrics)
         print(to_markdown(rows))
         paired = paired_rows(records, metrics)

@@ -85,10 +85,10 @@ def main(argv=None) -> int:
     run_id = tracking.find_or_create_parent(uri, experiment, name, name, {
         "cliptd.kind": "pretrain", "corpus": str(args.corpus.resolve())})
     c = tracking.client(uri)
-    # the region label vocabularies of the attribute objective: the synthetic world's (the
-    # corpus format's captions are "a <size> <colour> <shape>")
+    # the region label vocabularies of the attribute objective: the synthetic world's words
+    # that this corpus's captions ("a <size> <colour> <shape>") use
     resolved = {**asdict(cfg), "corpus": str(args.corpus.resolve()), "words": sorted(words),
-                "attribute_groups": [list(g) for g in attribute_groups()],
+                "attribute_groups": [list(g) for g in attribute_groups(args.corpus)],
                 "tracking": {"uri": uri, "run_id": run_id}, "threads": max(
                     1, int(args.cpus_per_worker)), "progress": True}
     c.log_dict(run_id, {"config": asdict(cfg), "corpus": resolved["corpus"],

@@ -26,6 +26,9 @@ CHOICES = {
     # candidate row), the region features every row of an image shares (the region
     # encoder's output, before any cross-modal layer), or both
     "visual_layer": ("final", "features", "both"),
+    # how the selected regions of one instance weigh in its visual term: the same, or by
+    # the teacher's zero-shot confidence in the gold answer from that region's crop alone
+    "region_weighting": ("uniform", "confidence"),
 }
 
 
@@ -46,6 +49,7 @@ class DistillConfig:
     text_target: str = "pooled"
     modalities: str = "both"
     visual_layer: str = "final"
+    region_weighting: str = "uniform"
 
     def __post_init__(self):
         for name, allowed in CHOICES.items():
@@ -111,6 +115,9 @@ DEFAULT_CONFIG = {
     "vqa_vocab": 100,
     "eval_batch_size": 128,
     "eval_limit": 0,  # epochs before the last evaluate on a fixed sample of this many (0: all)
+    # name → words: also score the eval instances whose question or gold answer says one of
+    # them (val/<group>/words/<name>/<metric>), e.g. the concepts a student never saw
+    "eval_words": {},
     "seed": 0,
     "threads": 0,  # torch intra-op threads per worker (0: torch's default)
     # DataLoader worker processes decoding and resizing images beside each Train worker
@@ -137,6 +144,12 @@ def resolve_config(overrides: dict) -> dict:
         raise ValueError(f"unknown task {cfg['task']!r}; known: {sorted(PRIMARY_METRIC)}")
     cfg["distill"] = DistillConfig.from_dict(cfg["distill"]).as_dict()
     parse_shots(cfg["shots"])
+    words = cfg["eval_words"]
+    if not (isinstance(words, dict) and all(
+            isinstance(k, str) and k and "/" not in k and isinstance(v, list) and v
+            and all(isinstance(w, str) for w in v) for k, v in words.items())):
+        raise ValueError("eval_words must map names (no '/') to non-empty lists of words, "
+                         f"got {words!r}")
     if not (isinstance(cfg["patience"], int) and cfg["patience"] >= 0):
         raise ValueError(f"patience must be an integer >= 0, got {cfg['patience']!r}")
     for key in ("lr", "batch_size", "epochs", "grad_accum"):

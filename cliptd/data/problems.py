@@ -226,12 +226,14 @@ class Collator:
         N, L = gold_words.shape
         region_emb = torch.zeros(N, R, D)
         rel_v = torch.zeros(N, R)
+        region_conf = torch.zeros(N, R)
         token_words = torch.zeros(N, L, D)
         rel_t = torch.zeros(N, L)
         for b, row in enumerate(rows):
             r = len(row["region_emb"])
             region_emb[b, :r] = torch.from_numpy(row["region_emb"])
             rel_v[b, :r] = torch.from_numpy(row["rel_v"])
+            region_conf[b, :r] = torch.from_numpy(row["region_conf"])
             w = gold_words[b]
             ok = (w >= 0) & (w < len(row["words"]))
             token_words[b, ok] = torch.from_numpy(row["words"])[w[ok]]
@@ -241,7 +243,7 @@ class Collator:
             valid_regions[b, : min(len(p.boxes), len(rows[b]["region_emb"]))] = True
         return {
             "region_emb": region_emb, "region_mask": valid_regions, "rel_v": rel_v,
-            "token_words": token_words, "token_mask": (gold_words >= 0)
+            "region_conf": region_conf, "token_words": token_words, "token_mask": (gold_words >= 0)
             & (gold_words < torch.tensor([len(r["words"]) for r in rows])[:, None]),
             "rel_t": rel_t,
             "pooled": torch.from_numpy(np.stack([r["pooled"] for r in rows])),

@@ -10,7 +10,10 @@ not). Two measurements, per domain:
   corpus, which covers both domains), horizontal position (left / middle / right third of
   the image, by the box centre) — and, on the whole-image region, the object count. A
   logistic regression is fitted on 70 % of the images and scored on the other 30 %;
-  ``chance`` is the majority class of the scored part.
+  ``chance`` is the majority class of the scored part. A *few-shot* probe fits on
+  ``FEW_SHOT`` regions per class (mean of ``FEW_SHOT_DRAWS`` draws), what a low-shot
+  fine-tuning run has to learn from; the row ``colour (student-unseen)`` scores the colour
+  probes on the regions of the colours the student's corpus never showed.
 - **teacher zero-shot** accuracy per question type and domain on the VCR problems of the
   train and eval splits: the teacher's softmax over the 4 candidates
   (``cliptd.teacher.cache.compute_targets``), as dynamic weighting sees it.
@@ -28,6 +31,7 @@ import torch
 from PIL import Image
 
 ATTRIBUTES = ("colour", "shape", "size", "position", "count")
+FEW_SHOT, FEW_SHOT_DRAWS = 5, 5
 
 
 def _features(world, n_images: int, seed: int) -> dict:
@@ -72,8 +76,10 @@ def _features(world, n_images: int, seed: int) -> dict:
     return {k: np.asarray(v) for k, v in out.items()}
 
 
-def linear_probe(x_train, y_train, x_test, y_test, steps: int = 300, seed: int = 0) -> float:
-    """Held-out accuracy of a multinomial logistic regression on standardised features."""
+def linear_probe(x_train, y_train, x_test, y_test, steps: int = 300, seed: int = 0,
+                 score: np.ndarray | None = None) -> float:
+    """Held-out accuracy of a multinomial logistic regression on standardised features
+    (on the test rows ``score`` selects, all by default)."""
     torch.manual_seed(seed)
     mean, std = x_train.mean(0), x_train.std(0) + 1e-6
     xt = torch.tensor((x_train - mean) / std, dtype=torch.float)
@@ -89,11 +95,22 @@ def linear_probe(x_train, y_train, x_test, y_test, steps: int = 300, seed: int =
         torch.nn.functional.cross_entropy(model(xt), yt).backward()
         opt.step()
     with torch.no_grad():
-        return float((model(xs).argmax(-1) == ys).float().mean())
+        hit = (model(xs).argmax(-1) == ys).numpy()
+    return float(hit[score].mean() if score is not None else hit.mean())
+
+
+def few_shot_rows(y: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of ``k`` rows per class of ``y`` (all of a class that has fewer)."""
+    return np.concatenate([rng.permutation(np.flatnonzero(y == c))[:k] for c in np.unique(y)])
 
 
 def probes(world, n_images: int = 600, seed: int = 0) -> list[dict]:
-    """One row per (attribute, domain): teacher and student probe accuracy and chance."""
+    """One row per (attribute, domain): teacher and student probe accuracy (fitted on all
+    the fitting images, and few-shot) and chance."""
+    from cliptd.synthetic.corpus import attribute_groups
+    from cliptd.synthetic.scene import STUDENT_UNSEEN
+
+    unseen = [attribute_groups()[0].index(c) for c in STUDENT_UNSEEN]
     f = _features(world, n_images, seed)
     rng = np.random.default_rng(seed)
     test_images = set(rng.permutation(len(f["image_domain"]))[: int(0.3 * len(
@@ -114,12 +131,23 @@ def probes(world, n_images: int = 600, seed: int = 0) -> list[dict]:
             train = ~np.array([i in test_images for i in images]) & keep
             if test.sum() < 5 or len(np.unique(y[train])) < 2:
                 continue
-            row = {"attribute": attr, "domain": domain, "n_train": int(train.sum()),
-                   "n_test": int(test.sum()),
-                   "chance": float(np.bincount(y[test]).max() / test.sum())}
-            for m, x in feats.items():
-                row[m] = linear_probe(x[train], y[train], x[test], y[test], seed=seed)
-            rows.append(row)
+            subsets = {attr: None}
+            if attr == "colour":  # the same probes, scored on the colours the student lacks
+                subsets["colour (student-unseen)"] = np.isin(y[test], unseen)
+            fit = np.flatnonzero(train)
+            shots = [fit[few_shot_rows(y[fit], FEW_SHOT, np.random.default_rng([seed, d]))]
+                     for d in range(FEW_SHOT_DRAWS)]
+            for name, score in subsets.items():
+                scored = y[test] if score is None else y[test][score]
+                row = {"attribute": name, "domain": domain, "n_train": int(train.sum()),
+                       "n_test": len(scored),
+                       "chance": float(np.bincount(scored).max() / len(scored))}
+                for m, x in feats.items():
+                    row[m] = linear_probe(x[train], y[train], x[test], y[test], seed=seed,
+                                          score=score)
+                    row[f"{m}_few_shot"] = float(np.mean([linear_probe(
+                        x[s], y[s], x[test], y[test], seed=seed, score=score) for s in shots]))
+                rows.append(row)
     return rows
 
 
@@ -150,10 +178,12 @@ def zero_shot(world, limit: int = 600) -> list[dict]:
 
 
 def to_markdown(probe_rows: list[dict], zs_rows: list[dict]) -> str:
-    lines = ["| attribute | domain | teacher probe | student probe | chance | regions (train / test) |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"| attribute | domain | teacher probe | student probe | teacher {FEW_SHOT}-shot | "
+             f"student {FEW_SHOT}-shot | chance | regions (train / test) |",
+             "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['attribute']} | {r['domain']} | {100 * r['teacher']:.1f} | "
-              f"{100 * r['student']:.1f} | {100 * r['chance']:.1f} | "
+              f"{100 * r['student']:.1f} | {100 * r['teacher_few_shot']:.1f} | "
+              f"{100 * r['student_few_shot']:.1f} | {100 * r['chance']:.1f} | "
               f"{r['n_train']} / {r['n_test']} |" for r in probe_rows]
     lines += ["", "| split | head | question type | domain | teacher zero-shot | n |",
               "|---|---|---|---|---|---|"]

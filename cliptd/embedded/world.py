@@ -37,8 +37,9 @@ class WorldConfig:
     teacher: TeacherPretrainConfig = field(default_factory=TeacherPretrainConfig)
     student_steps: int = 500
     student: str = "visualbert-tiny"
-    # Bumped when the student's code changes meaning, so cached students are rebuilt.
-    student_version: int = 5
+    # Bumped when the student's code or corpus changes meaning, so cached students are
+    # rebuilt (6: its corpus lost the colours it must not know).
+    student_version: int = 6
 
     def digest(self, part: str) -> str:
         """Cache key of one stage: only the settings that stage depends on."""
@@ -80,7 +81,8 @@ def _pretrain_student_process(corpus: str, out_dir: str, synthetic: str, prepare
     start = time.time()
     words = world_words(Path(synthetic), {k: Path(v) for k, v in prepared.items()})
     pretrain_student(Path(corpus), Path(out_dir), words, PretrainConfig(**cfg),
-                     attribute_groups=attribute_groups(), progress=progress, bar_position=1)
+                     attribute_groups=attribute_groups(Path(corpus)), progress=progress,
+                     bar_position=1)
     return time.time() - start
 
 
@@ -92,13 +94,15 @@ def ensure_world(cache: Path | None = None, cfg: WorldConfig | None = None, *,
     of ``caches_for``. The student pre-trains in a second process while this one
     pre-trains the teacher and builds its caches: on a 2-core machine the two tiny models
     run one thread each, side by side, instead of one after the other."""
-    from cliptd.synthetic.world import generate_world
+    from cliptd.synthetic.world import GENERATOR_VERSION, generate_world
 
     cfg = cfg or WorldConfig()
     root = Path(cache or default_cache_dir())
     root.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    world_dir = root / f"synthetic-seed{cfg.seed}-scale{cfg.scale:g}"
+    # The generator's version in the names: a cache of an older world is left as it is
+    where = f"v{GENERATOR_VERSION}-seed{cfg.seed}-scale{cfg.scale:g}"
+    world_dir = root / f"synthetic-{where}"
     if not (world_dir / "world.json").exists():
         log(f"[cliptd] generating the synthetic world into {world_dir}")
     synthetic = _timed(timings, "synthetic", lambda: generate_world(
@@ -107,7 +111,7 @@ def ensure_world(cache: Path | None = None, cfg: WorldConfig | None = None, *,
     for task in tasks:
         folder, has_boxes = TASK_SOURCES[task]
         src = Path(synthetic) / folder
-        out = root / "prepared" / f"{task}-seed{cfg.seed}-scale{cfg.scale:g}"
+        out = root / "prepared" / f"{task}-{where}"
         if not (out / MANIFEST).exists():
             log(f"[cliptd] preparing {task} as Parquet into {out}")
             _timed(timings, f"prepare_{task}", lambda src=src, out=out, task=task,

@@ -3,6 +3,9 @@
     L = L_task + λ(step) · mean_n w_n · [ mean_{j∈S_v(n)} d(P_v h_v[j], t_v[j])
                                         + mean_{i∈S_t(n)} d(P_t h_t[i], t_t[i]) ]
 
+(``region_weighting=confidence``: the visual mean over S_v(n) weighted by each region's
+teacher confidence c_j, Σ c_j d_j / Σ c_j.)
+
 ``Distiller`` holds the projection heads P_v, P_t (training only, never exported) and
 computes the bracket from the student's states and the cached teacher targets.
 """
@@ -73,9 +76,11 @@ def instance_weights(cfg: DistillConfig, gold_prob: torch.Tensor,
     return w
 
 
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.float()
-    return (values * m).sum(1) / m.sum(1).clamp(min=1)
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor,
+                 weights: torch.Tensor | None = None) -> torch.Tensor:
+    m = mask.float() if weights is None else mask.float() * weights.float()
+    # clamp: an instance whose selected tokens all weigh 0 contributes 0, not NaN
+    return (values * m).sum(1) / m.sum(1).clamp(min=1 if weights is None else 1e-6)
 
 
 class Distiller(nn.Module):
@@ -94,8 +99,8 @@ class Distiller(nn.Module):
                 progress: float, generator: torch.Generator | None = None,
                 region_features: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """``targets`` (for the gold row of each instance): region_emb N×R×D, region_mask,
-        rel_v N×R, token_target N×L×D (per-token or pooled, already aligned), token_mask,
-        rel_t N×L, gold_prob N, correct N. ``region_features``: the region encoder's
+        rel_v N×R, region_conf N×R, token_target N×L×D (per-token or pooled, already
+        aligned), token_mask, rel_t N×L, gold_prob N, correct N. ``region_features``: the region encoder's
         output for each instance's image (N×R×F), for ``visual_layer`` features / both."""
         cfg = self.cfg
         lam = lambda_at(cfg, progress)
@@ -113,8 +118,10 @@ class Distiller(nn.Module):
             if cfg.visual_layer in ("features", "both"):
                 d_v = d_v + distance(self.proj_f(region_features), targets["region_emb"],
                                      cfg.distance)
-            per_instance = per_instance + _masked_mean(d_v, sel_v)
-            logs["distill/visual"] = float(_masked_mean(d_v, sel_v).mean().detach())
+            conf = targets["region_conf"] if cfg.region_weighting == "confidence" else None
+            visual = _masked_mean(d_v, sel_v, conf)
+            per_instance = per_instance + visual
+            logs["distill/visual"] = float(visual.mean().detach())
             logs["distill/frac_regions"] = float(sel_v.sum() / targets["region_mask"].sum()
                                                  .clamp(min=1))
         if cfg.modalities in ("both", "text"):

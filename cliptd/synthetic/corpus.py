@@ -3,7 +3,8 @@
 - ``teacher``: like CLIP's web data: both domain styles, every shape x colour x size
   combination (the held-out pairs included, in both styles).
 - ``student``: like a VL-BERT caption corpus: source domain only, held-out pairs absent,
-  half as many scenes.
+  no object of a ``STUDENT_UNSEEN`` colour (nor its word, in any caption), half as many
+  scenes.
 
 Besides region and whole-image captions, every scene carries question-and-answer alt-text
 in the exact space-tokenised style the VCR / VQA / SNLI-VE files use, so that a teacher
@@ -52,15 +53,17 @@ SCHEMA = pa.schema(
 COUNT_WORDS = ("There are none .", "There is one .", "There are two .", "There are three .")
 
 
-def qa_texts(scene: Scene, rng: np.random.Generator) -> list[str]:
-    """True question-and-answer strings about ``scene``: one VCR-style, one VQA-style."""
+def qa_texts(scene: Scene, rng: np.random.Generator,
+             colours: tuple[str, ...] = COLOURS) -> list[str]:
+    """True question-and-answer strings about ``scene``: one VCR-style, one VQA-style.
+    ``colours``: those the corpus may name (a count of zero names a colour not shown)."""
     objs = scene.objects
     o = objs[rng.integers(len(objs))]
     colour_count = {c: sum(x.colour == c for x in objs) for c in COLOURS}
     shape_count = {s: sum(x.shape == s for x in objs) for s in {x.shape for x in objs}}
     unique_colour = [x for x in objs if colour_count[x.colour] == 1]
     unique_shape = [x for x in objs if shape_count[x.shape] == 1]
-    c = COLOURS[rng.integers(len(COLOURS))]
+    c = colours[rng.integers(len(colours))]
     k = colour_count[c]
 
     vcr = [f"What color is {o.shape} ? It is {o.colour} ."]  # a reference renders as its shape
@@ -84,12 +87,13 @@ def qa_texts(scene: Scene, rng: np.random.Generator) -> list[str]:
     return [vcr[rng.integers(len(vcr))], vqa[rng.integers(len(vqa))]]
 
 
-def captions(scene: Scene, rng: np.random.Generator) -> list[str]:
+def captions(scene: Scene, rng: np.random.Generator,
+             colours: tuple[str, ...] = COLOURS) -> list[str]:
     o = scene.objects[rng.integers(len(scene.objects))]
     return [
         scene_caption(scene, full=True),
         scene_caption(scene, full=False),
-        *qa_texts(scene, rng),
+        *qa_texts(scene, rng, colours),
         f"There is a {o.size} {o.colour} {o.shape} .",  # SNLI-VE hypothesis style
         f"{NUMBER_WORDS[len(scene.objects)]} shapes on a {'dark' if scene.domain == 'source' else 'striped'} background",
     ]
@@ -98,6 +102,7 @@ def captions(scene: Scene, rng: np.random.Generator) -> list[str]:
 def rows(
     rng: np.random.Generator, world: World | None, n: int, domains: tuple[str, ...]
 ) -> Iterator[dict[str, Any]]:
+    colours = COLOURS if world is None else world.colours
     for _ in range(n):
         domain = domains[rng.integers(len(domains))]
         scene = sample_scene(rng, domain, world)
@@ -107,7 +112,7 @@ def rows(
             "height": scene.height,
             "boxes": [[float(v) for v in o.box] for o in scene.objects],
             "region_captions": [region_caption(o, domain) for o in scene.objects],
-            "captions": captions(scene, rng),
+            "captions": captions(scene, rng, colours),
             "domain": domain,
         }
 
@@ -120,7 +125,7 @@ def write(
     seen: set[tuple[str, str, str, str]] = set()
     batch: list[dict[str, Any]] = []
     with pq.ParquetWriter(path, SCHEMA) as writer:
-        for row in rows(rng, None if teacher else world, n, domains):
+        for row in rows(rng, None if teacher else world.for_student(), n, domains):
             for cap in row["region_captions"]:
                 words = cap.split()  # "a small [outlined] red circle"
                 seen.add((row["domain"], words[1], words[-2], words[-1]))
@@ -135,9 +140,16 @@ def write(
     return {"rows": n, "domains": list(domains), "shape_colour_size_combinations": per_domain}
 
 
-def attribute_groups() -> tuple[tuple[str, ...], ...]:
-    """The region label vocabularies (colour, shape, size): the synthetic world's; a real
-    caption corpus would use its detector's object and attribute classes."""
-    from cliptd.synthetic.scene import COLOURS, SHAPES, SIZES
+def attribute_groups(corpus: Path | None = None) -> tuple[tuple[str, ...], ...]:
+    """The region label vocabularies (colour, shape, size): the synthetic world's, or, given
+    a ``corpus``, the words of them its region captions use -- a model pre-trained on it
+    learns no label (and no statement names a colour) that the corpus never shows, as a
+    real caption corpus's labels are its detector's object and attribute classes."""
+    from cliptd.synthetic.scene import SHAPES, SIZES
 
-    return (tuple(COLOURS), tuple(SHAPES), tuple(SIZES))
+    groups = (tuple(COLOURS), tuple(SHAPES), tuple(SIZES))
+    if corpus is None:
+        return groups
+    captions = pq.read_table(corpus, columns=["region_captions"]).column("region_captions")
+    used = {w for caps in captions.to_pylist() for c in caps for w in c.split()}
+    return tuple(tuple(w for w in g if w in used) for g in groups)

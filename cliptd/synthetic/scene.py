@@ -9,6 +9,11 @@ Two domains share the vocabulary and differ in everything a detector or CLIP wou
 - ``source``: filled shapes, plain dark background, saturated base palette;
 - ``target``: outlined shapes (2-3 px stroke), noisy striped background, greyer shades of
   the same colour names, and the held-out (shape, colour) pairs that source never shows.
+
+Besides the domains, one split of knowledge between the two pre-training corpora: the
+``STUDENT_UNSEEN`` colours appear in the task's images (both domains) and in the teacher's
+broad corpus, never in the student's narrow one (``World.for_student``) -- as real VCR
+frames hold concepts CLIP saw on the web and a COCO-pretrained student never did.
 """
 
 from __future__ import annotations
@@ -50,6 +55,11 @@ def _greyer(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
 
 TARGET_PALETTE = {name: _greyer(rgb) for name, rgb in BASE_PALETTE.items()}
 PAIRS = tuple((s, c) for s in SHAPES for c in COLOURS)  # all 40 (shape, colour) pairs
+# Colours the student's pre-training corpus never shows (objects, captions, statements):
+# each sits between two seen hues (orange: red-yellow, purple: red-blue), so a student
+# that never saw it reads it as a neighbour, as a COCO student reads an unfamiliar object
+# as its nearest COCO class. The task's images and the teacher's corpus show them.
+STUDENT_UNSEEN = ("purple", "orange")
 
 
 @dataclass(frozen=True)
@@ -116,6 +126,18 @@ class World:
     def from_held_out(cls, held_out: tuple[tuple[str, str], ...]) -> World:
         source = tuple(p for p in PAIRS if p not in held_out)
         return cls(held_out=held_out, allowed={"source": source, "target": PAIRS})
+
+    def for_student(self) -> World:
+        """The narrow pre-training corpus's world: source pairs without the
+        ``STUDENT_UNSEEN`` colours."""
+        source = tuple(p for p in self.allowed["source"] if p[1] not in STUDENT_UNSEEN)
+        return World(held_out=self.held_out, allowed={"source": source})
+
+    @property
+    def colours(self) -> tuple[str, ...]:
+        """The colours some domain of this world shows, in vocabulary order."""
+        seen = {c for pairs in self.allowed.values() for _, c in pairs}
+        return tuple(c for c in COLOURS if c in seen)
 
     def colours_for(self, shape: str, domain: str) -> list[str]:
         return [c for s, c in self.allowed[domain] if s == shape]

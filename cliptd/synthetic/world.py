@@ -33,6 +33,7 @@ from cliptd.synthetic.scene import (
     SHAPES,
     SIDE_PX,
     SIZES,
+    STUDENT_UNSEEN,
     TARGET_PALETTE,
     WIDTH,
     Obj,
@@ -43,7 +44,9 @@ from cliptd.synthetic.scene import (
     render_scene,
 )
 
-GENERATOR_VERSION = "1"
+# 2: the student corpus lost the STUDENT_UNSEEN colours (task files and the teacher corpus
+# are those of 1, byte for byte)
+GENERATOR_VERSION = "2"
 MANIFEST = "world.json"
 
 # Sizes at scale 1.0: lines (questions / hypotheses) per split and domain, scenes per corpus.
@@ -325,6 +328,7 @@ def build(out: Path, seed: int, scale: float, progress: bool) -> dict[str, Any]:
         },
         "palettes": {"source": BASE_PALETTE, "target": TARGET_PALETTE},
         "held_out_pairs": [list(p) for p in world.held_out],
+        "student_unseen_colours": list(STUDENT_UNSEEN),
         "domain_rules": DOMAIN_RULES,
         "task_rules": TASK_RULES,
         "files": files,

@@ -7,7 +7,10 @@ Per problem (``<instance id>:<head>``) it stores, as Parquet shards:
   cos(word state, whole-image embedding) — the targeted-selection scores;
 - ``gold_prob`` / ``correct``: the teacher's zero-shot softmax over the candidates
   (VCR: the 4 answers or rationales; SNLI-VE: hypothesis-image agreement mapped onto the 3
-  labels; VQA: the most frequent answers of the question type), used by dynamic weighting.
+  labels; VQA: the most frequent answers of the question type), used by dynamic weighting;
+- ``region_conf``: the same zero-shot gold probability from each region's crop alone
+  (region 0: the whole image, = ``gold_prob``): how sure the teacher is of the answer
+  looking at that region, the per-region weight of ``distill.region_weighting``.
 
 Building is resumable: shards land in ``<key>.partial/`` one by one and a rerun skips the
 finished ones; the folder is renamed to ``<key>/`` only when complete.
@@ -33,7 +36,7 @@ from cliptd.core.atomic import atomic_file
 from cliptd.data.problems import Problem
 from cliptd.teacher.clip import Teacher, TeacherSpec
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: region_conf
 SHARD = 512  # problems per shard: the unit of resumption
 VQA_ZS_CANDIDATES = 30
 
@@ -43,6 +46,7 @@ CACHE_SCHEMA = pa.schema([
     ("pooled", _f16), ("words", _f16), ("n_words", pa.int32()),
     ("rel_v", pa.list_(pa.float32())), ("rel_w", pa.list_(pa.float32())),
     ("gold_prob", pa.float32()), ("correct", pa.bool_()),
+    ("region_conf", pa.list_(pa.float32())),
 ])
 
 
@@ -89,36 +93,41 @@ def compute_targets(teacher: Teacher, task: str, problems: list[Problem],
         image_emb = regions[0]
         cands = (vqa_choices or {}).get(p.qtype, vocab[:VQA_ZS_CANDIDATES] if vocab else [])
         texts = _candidate_texts(task, p, cands)
-        sims = teacher.encode_texts(texts) @ image_emb if texts else torch.zeros(0)
-        if task == "snli_ve":
-            # One hypothesis, three labels: agreement above the batch's typical similarity
-            # means entailment, below it contradiction, near it neutral (a reconstruction).
-            s = float(sims[0])
-            logits = torch.tensor([s, 0.0, -s]) * teacher.logit_scale
-        else:
-            logits = sims * teacher.logit_scale
-        probs = logits.softmax(-1) if len(logits) else logits
+        # every region's similarity to every candidate text; row 0 is the whole image's
+        sims = regions @ teacher.encode_texts(texts).T if texts else torch.zeros(len(regions), 0)
         if task == "vqa":
             gold = vocab[p.label] if p.label >= 0 else None
             gi = cands.index(gold) if gold in cands else -1
         else:
             gi = p.label
-        gold_prob = float(probs[gi]) if gi >= 0 and len(probs) else 0.0
-        correct = bool(gi >= 0 and len(probs) and int(probs.argmax()) == gi)
+        probs = _zero_shot(task, sims, teacher.logit_scale)
+        conf = probs[:, gi] if gi >= 0 and probs.shape[1] else torch.zeros(len(regions))
         rows.append({
             "key": p.key, "region_emb": regions, "pooled": t_pooled, "words": t_words,
             "rel_v": (regions @ t_pooled), "rel_w": (t_words @ image_emb)
-            if len(t_words) else torch.zeros(0), "gold_prob": gold_prob, "correct": correct,
-            "sim": sims,
+            if len(t_words) else torch.zeros(0), "gold_prob": float(conf[0]),
+            "correct": bool(gi >= 0 and probs.shape[1] and int(probs[0].argmax()) == gi),
+            "region_conf": conf, "sim": sims,
         })
     if task == "snli_ve" and rows:  # centre the agreement on this dataset's mean similarity
-        mean = float(np.mean([float(r["sim"][0]) for r in rows]))
+        mean = float(np.mean([float(r["sim"][0, 0]) for r in rows]))
         for r, p in zip(rows, problems, strict=True):
-            s = (float(r["sim"][0]) - mean) * teacher.logit_scale
-            probs = torch.tensor([s, 0.0, -s]).softmax(-1)
-            r["gold_prob"] = float(probs[p.label]) if p.label >= 0 else 0.0
-            r["correct"] = bool(p.label >= 0 and int(probs.argmax()) == p.label)
+            probs = _zero_shot(task, r["sim"] - mean, teacher.logit_scale)
+            r["region_conf"] = probs[:, p.label] if p.label >= 0 else torch.zeros(len(probs))
+            r["gold_prob"] = float(r["region_conf"][0])
+            r["correct"] = bool(p.label >= 0 and int(probs[0].argmax()) == p.label)
     return rows
+
+
+def _zero_shot(task: str, sims: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """R×K region-candidate similarities → R×C zero-shot probabilities over the choices.
+    SNLI-VE has one hypothesis and three labels: agreement above the dataset's typical
+    similarity means entailment, below it contradiction, near it neutral (a
+    reconstruction)."""
+    if task == "snli_ve":
+        s = sims[:, :1]
+        sims = torch.cat([s, torch.zeros_like(s), -s], dim=1)
+    return (sims * logit_scale).softmax(-1) if sims.shape[1] else sims
 
 
 def shard_records(teacher: Teacher, task: str, shard: list[Problem], choices, vocab
@@ -166,7 +175,8 @@ def _to_record(row: dict) -> dict:
             "n_regions": len(row["region_emb"]), "pooled": f16(row["pooled"]),
             "words": f16(row["words"]), "n_words": len(row["words"]),
             "rel_v": row["rel_v"].float().tolist(), "rel_w": row["rel_w"].float().tolist(),
-            "gold_prob": row["gold_prob"], "correct": row["correct"]}
+            "gold_prob": row["gold_prob"], "correct": row["correct"],
+            "region_conf": row["region_conf"].float().tolist()}
 
 
 def build_cache(teacher: Teacher, task: str, problems: list[Problem], root: Path, key: str, *,
@@ -232,6 +242,11 @@ def cache_teacher(folder: Path) -> TeacherSpec:
     return TeacherSpec(model=model, pretrained=None if pretrained == "none" else pretrained)
 
 
+def cache_format(folder: Path) -> int:
+    """The format a finished cache was written in (1 when its meta.json does not say)."""
+    return int(json.loads((Path(folder) / "meta.json").read_text()).get("format", 1))
+
+
 def load_cache(folder: Path, keys: set[str] | None = None) -> dict[str, dict]:
     """problem key → numpy targets, for the keys a run needs (all when ``keys`` is None)."""
     folder = Path(folder)
@@ -252,6 +267,9 @@ def load_cache(folder: Path, keys: set[str] | None = None) -> dict[str, dict]:
                 "rel_v": np.asarray(r["rel_v"], np.float32),
                 "rel_w": np.asarray(r["rel_w"], np.float32),
                 "gold_prob": r["gold_prob"], "correct": r["correct"],
+                # a format-1 cache has none: its regions weigh the same
+                "region_conf": np.asarray(r.get("region_conf") or [1.0] * r["n_regions"],
+                                          np.float32),
             }
     return out
 
@@ -262,7 +280,8 @@ def targets_as_cache_rows(rows: list[dict]) -> dict[str, dict]:
         "region_emb": r["region_emb"].float().numpy(), "pooled": r["pooled"].float().numpy(),
         "words": r["words"].float().numpy(), "rel_v": r["rel_v"].float().numpy(),
         "rel_w": r["rel_w"].float().numpy(), "gold_prob": r["gold_prob"],
-        "correct": r["correct"]} for r in rows}
+        "correct": r["correct"], "region_conf": r["region_conf"].float().numpy()}
+        for r in rows}
 
 
 def check_cache(folder: Path, *, task: str, version: str, split: str = "train",

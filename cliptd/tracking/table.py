@@ -67,12 +67,16 @@ def comparison_rows(records: list[dict], metrics: dict[str, str]) -> list[dict]:
 
 def qtype_metrics(records: list[dict], primary: str) -> dict[str, str]:
     """Row labels → metric keys for every question type the records were scored on
-    (``val/<group>/qtype/<type>/<primary>``), in-domain then shifted."""
+    (``val/<group>/qtype/<type>/<primary>``), then every ``eval_words`` group
+    (``val/<group>/words/<name>/<primary>``), in-domain then shifted."""
     out = {}
     for group, label in (("id", "in-domain"), ("shift", "shifted")):
-        types = sorted({k.split("/")[3] for r in records for k in r["metrics"]
-                        if k.startswith(f"val/{group}/qtype/") and k.endswith(f"/{primary}")})
-        out |= {f"{label} {primary} [{t}]": f"val/{group}/qtype/{t}/{primary}" for t in types}
+        for kind, tag in (("qtype", ""), ("words", "words: ")):
+            names = sorted({k.split("/")[3] for r in records for k in r["metrics"]
+                            if k.startswith(f"val/{group}/{kind}/")
+                            and k.endswith(f"/{primary}")})
+            out |= {f"{label} {primary} [{tag}{t}]": f"val/{group}/{kind}/{t}/{primary}"
+                    for t in names}
     return out
 
 

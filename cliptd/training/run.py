@@ -18,7 +18,7 @@ from cliptd.data.problems import EVAL_SPLIT, Collator, ImageStore, Problem, prob
 from cliptd.data.subsets import domain_preset, subset_ids
 from cliptd.model.student import VLStudent, open_student, with_clip_regions
 from cliptd.objective.task import CLIPTDTask
-from cliptd.teacher.cache import load_cache
+from cliptd.teacher.cache import cache_format, load_cache
 
 
 @dataclass
@@ -92,6 +92,11 @@ def build_run(cfg: dict) -> RunParts:
             raise DataError(f"teacher cache {cfg['teacher_cache']} lacks {len(missing)} "
                             f"training problems (e.g. {missing[0]}): rebuild it")
         teacher_dim = next(iter(teacher.values()))["pooled"].shape[-1]
+        if distill.region_weighting == "confidence" and cache_format(
+                Path(cfg["teacher_cache"])) < 2:
+            raise DataError(f"teacher cache {cfg['teacher_cache']} predates per-region "
+                            "confidence (cache format 1), which distill.region_weighting="
+                            "confidence needs: rebuild it with python -m cliptd.teacher_cache")
     images = ImageStore.shared(student.cfg.image_size)
     num_outputs = outputs if task == "vqa" else 0
     return RunParts(
@@ -169,7 +174,21 @@ def evaluate(task_module: CLIPTDTask, parts: RunParts, cfg: dict, device,
             sub = [p for p in probs if p.qtype == qtype]
             metrics[f"val/{group}/qtype/{qtype}/{primary}"] = _task_metrics(
                 cfg["task"], sub, preds, parts.vocab)[primary]
+        for name, words in cfg["eval_words"].items():
+            said = mentioning(probs, words)
+            sub = [p for p in probs if p.id in said]
+            if sub:
+                metrics[f"val/{group}/words/{name}/{primary}"] = _task_metrics(
+                    cfg["task"], sub, preds, parts.vocab)[primary]
     return metrics
+
+
+def mentioning(problems: list[Problem], words: list[str]) -> set[str]:
+    """The instance ids whose question or gold answer (any head's; VQA: any annotator's)
+    says one of ``words``."""
+    wanted = {w.lower() for w in words}
+    return {p.id for p in problems if wanted & {
+        w.lower() for w in p.teacher_words() + [w for a in p.answers for w in a.split()]}}
 
 
 def _task_metrics(task: str, problems: list[Problem], preds: dict, vocab) -> dict:

@@ -257,6 +257,7 @@ def _inputs(seed: int = 0):
         "gold_prob": torch.rand(N, generator=g),
         "correct": torch.tensor([True, False, True, True, False]),
     }
+    targets["region_conf"] = torch.rand(N, R, generator=g)  # last: the pins keep their draws
     return region_states, text_states, targets
 
 
@@ -277,14 +278,16 @@ def _reference_loss(distiller: Distiller, region_states, text_states, t, progres
         diff = (u - v).abs()
         return float(torch.where(diff < 0.1, 0.5 * diff ** 2 / 0.1, diff - 0.05).sum())
 
-    def term(states, W, b, target, mask, rel, ratio):
+    def term(states, W, b, target, mask, rel, ratio, conf=None):
         idx = [i for i in range(mask.shape[0]) if mask[i]]
         if cfg.select_by == "relevance":
             k = math.ceil(Fraction(str(ratio)) * len(idx))
             idx = sorted(idx, key=lambda i: -float(rel[i]))[:k]
         if not idx:
             return 0.0
-        return sum(d(W @ states[i].double() + b, target[i].double()) for i in idx) / len(idx)
+        c = [1.0 if conf is None else float(conf[i]) for i in idx]
+        return sum(ci * d(W @ states[i].double() + b, target[i].double())
+                   for ci, i in zip(c, idx, strict=True)) / sum(c)
 
     if cfg.weighting == "confidence":
         w = [float(x) for x in t["gold_prob"]]
@@ -300,7 +303,8 @@ def _reference_loss(distiller: Distiller, region_states, text_states, t, progres
         inst = 0.0
         if cfg.modalities in ("both", "visual"):
             inst += term(region_states[n], W_v, b_v, t["region_emb"][n], t["region_mask"][n],
-                         t["rel_v"][n], cfg.select_ratio_v)
+                         t["rel_v"][n], cfg.select_ratio_v, t["region_conf"][n]
+                         if cfg.region_weighting == "confidence" else None)
         if cfg.modalities in ("both", "text"):
             inst += term(text_states[n], W_t, b_t, t["token_target"][n], t["token_mask"][n],
                          t["rel_t"][n], cfg.select_ratio_t)
@@ -314,7 +318,9 @@ def _reference_loss(distiller: Distiller, region_states, text_states, t, progres
     DistillConfig(distance="l1", weighting="uniform", weight_norm="none", modalities="visual"),
     DistillConfig(distance="smooth_l1", modalities="text", schedule="cosine", lam=2.5),
     DistillConfig(method="naive", lam=0.8).resolved(),
-], ids=["default", "l2-threshold", "l1-visual", "smoothl1-text-cosine", "naive"])
+    DistillConfig(region_weighting="confidence", select_ratio_v=0.6),
+], ids=["default", "l2-threshold", "l1-visual", "smoothl1-text-cosine", "naive",
+        "region-confidence"])
 def test_distiller_matches_independent_computation(cfg):
     torch.manual_seed(0)
     distiller = Distiller(H, D, cfg)
@@ -334,6 +340,30 @@ def test_distiller_pinned_value():
     expected = _reference_loss(distiller, rs, ts, t, 0.0)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     assert loss.item() == pytest.approx(1.82984, abs=2e-4)
+
+
+def test_region_confidence_weighs_each_region():
+    """A region of zero confidence drops out of its instance's visual term; confidence on
+    one region only makes the term that region's distance; uniform weighting ignores it."""
+    torch.manual_seed(0)
+    cfg = DistillConfig(region_weighting="confidence", select_by="all", modalities="visual",
+                        weighting="uniform", weight_norm="none")
+    distiller = Distiller(H, D, cfg)
+    rs, ts, t = _inputs(2)
+    t["region_mask"][:] = True
+    d = distance(distiller.proj_v(rs), t["region_emb"], "cosine")  # N×R
+    t["region_conf"] = torch.zeros(N, R)
+    t["region_conf"][:, 2] = 0.7
+    loss, logs = distiller(rs, ts, t, progress=0.0)
+    assert loss.item() == pytest.approx(d[:, 2].mean().item(), rel=1e-5)
+    t["region_conf"][0] = 0.0  # nothing to weigh: contributes 0, not NaN
+    loss, _ = distiller(rs, ts, t, progress=0.0)
+    assert loss.item() == pytest.approx(d[1:, 2].sum().item() / N, rel=1e-5)
+    uniform = Distiller(H, D, DistillConfig(select_by="all", modalities="visual",
+                                            weighting="uniform", weight_norm="none"))
+    uniform.load_state_dict(distiller.state_dict())
+    assert uniform(rs, ts, t, progress=0.0)[0].item() == pytest.approx(d.mean().item(),
+                                                                      rel=1e-5)
 
 
 def test_distiller_zero_when_lambda_zero():

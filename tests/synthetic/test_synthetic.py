@@ -15,11 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from cliptd.synthetic.corpus import attribute_groups
 from cliptd.synthetic.scene import (
     COLOURS,
     PAIRS,
     SHAPES,
     SIZES,
+    STUDENT_UNSEEN,
     STYLES,
     Obj,
     render_object,
@@ -252,6 +254,29 @@ def test_corpora(world: Path) -> None:
                 assert (im.format, im.size) == ("PNG", (r["width"], r["height"]))
             assert len(r["boxes"]) == len(r["region_captions"]) and len(r["captions"]) >= 3
 
+
+
+def test_student_corpus_never_shows_the_unseen_colours(world: Path) -> None:
+    """The knowledge split of the two corpora: STUDENT_UNSEEN colours are absent from every
+    object and word of the student's corpus, present in the teacher's and in the task's
+    training images, and the student's label vocabulary read off its corpus lacks them."""
+    unseen = set(json.loads((world / "world.json").read_text())["student_unseen_colours"])
+    assert unseen == set(STUDENT_UNSEEN)
+
+    def words(name: str) -> set[str]:
+        t = pq.read_table(world / "corpus" / f"{name}.parquet",
+                          columns=["region_captions", "captions"]).to_pylist()
+        return {w for r in t for c in r["region_captions"] + r["captions"] for w in c.split()}
+
+    assert not words("student") & unseen
+    assert unseen <= words("teacher")
+    for task in ("vcr", "snli_ve", "vqa"):
+        train = [rec for rec in _scenes(world, task).values() if rec["domain"] == "source"]
+        shown = {o["colour"] for rec in train for o in rec["objects"]}
+        assert unseen <= shown, task
+    groups = attribute_groups(world / "corpus" / "student.parquet")
+    assert not set(groups[0]) & unseen and set(groups[0]) | unseen == set(COLOURS)
+    assert groups[1:] == attribute_groups()[1:]
 
 # --- geometry ----------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ the collated batch the Distiller reads from it."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,11 @@ def test_cache_values_match_the_teacher(built, vcr, teacher):
         probs = ((teacher.encode_texts(texts) @ regions[0]) * teacher.logit_scale).softmax(-1)
         assert row["gold_prob"] == pytest.approx(float(probs[p.label]), abs=1e-5)
         assert row["correct"] == (int(probs.argmax()) == p.label)
+        # each region's own zero-shot confidence in the gold answer; region 0's is gold_prob
+        per_region = ((regions @ teacher.encode_texts(texts).T) * teacher.logit_scale
+                      ).softmax(-1)[:, p.label]
+        assert np.allclose(row["region_conf"], per_region.numpy(), atol=1e-4)
+        assert row["region_conf"][0] == pytest.approx(row["gold_prob"], abs=1e-5)
 
 
 def test_load_cache_subset_and_incomplete(built, tmp_path):
@@ -271,7 +277,35 @@ def test_collate(parts):
         assert torch.allclose(t["region_emb"][b, : len(p.boxes)],
                               torch.from_numpy(cached["region_emb"]))
         assert t["region_emb"][b, len(p.boxes):].abs().sum() == 0
+        assert torch.allclose(t["region_conf"][b, : len(p.boxes)],
+                              torch.from_numpy(cached["region_conf"]))
         assert t["gold_prob"][b].item() == pytest.approx(cached["gold_prob"])
+
+
+def test_region_confidence_needs_a_format_2_cache(tiny_world, built, tmp_path):
+    """A cache written before region_conf (format 1) is refused, naming it, by a run that
+    weighs regions by confidence; other runs still read it (its regions weigh the same)."""
+    from cliptd.core.config import resolve_config
+    from cliptd.core.errors import DataError
+    from cliptd.training.run import build_run
+
+    folder, _ = built
+    old = tmp_path / "format1"
+    shutil.copytree(folder, old)
+    meta = json.loads((old / "meta.json").read_text())
+    (old / "meta.json").write_text(json.dumps({**meta, "format": 1}))
+    for shard in old.glob("part-*.parquet"):
+        pq.write_table(pq.read_table(shard).drop_columns(["region_conf"]), shard)
+
+    def cfg(**knobs):
+        return resolve_config({"task": "vcr", "data": str(tiny_world.data["vcr"]),
+                               "student": str(tiny_world.student), "teacher_cache": str(old),
+                               "preset": "synthetic", "distill": {"method": "cliptd", **knobs}})
+    with pytest.raises(DataError, match="format1.*cache format 1.*region_weighting"):
+        build_run(cfg(region_weighting="confidence"))
+    parts = build_run(cfg())
+    batch = parts.collate_train(parts.train[:2])
+    assert torch.equal(batch["teacher"]["region_conf"], batch["teacher"]["region_mask"].float())
 
 
 def test_collated_batch_trains(parts):

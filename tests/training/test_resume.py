@@ -78,10 +78,13 @@ def test_every_logged_metric_is_a_valid_mlflow_name(tiny_world, task, tmp_path):
     rt = LocalRuntime()
     train_loop(resolve_config({"task": task, "data": str(tiny_world.data[task]),
                                "student": str(tiny_world.student), "preset": "synthetic",
-                               "epochs": 1, "batch_size": 8, "distill": {"method": "none"}}),
+                               "epochs": 1, "batch_size": 8, "distill": {"method": "none"},
+                               "eval_words": {"unseen": ["orange", "purple"]}}),
                rt)
     keys = set(rt.history[-1])
     assert any(k.startswith("val/id/") for k in keys)
+    primary = {"vcr": "q_a", "snli_ve": "acc", "vqa": "vqa_acc"}[task]
+    assert {f"val/id/words/unseen/{primary}", f"val/shift/words/unseen/{primary}"} <= keys
     for key in keys:
         _validate_metric_name(key)
 
