@@ -27,7 +27,7 @@ from cliptd.cli.common import add_common_args, setup_embedded
 from cliptd.core.atomic import atomic_write
 from cliptd.core.config import PRIMARY_METRIC, resolve_config
 from cliptd.core.invocation import prog
-from cliptd.synthetic.scene import STUDENT_UNSEEN
+from cliptd.embedded.world import eval_words
 from cliptd.tracking.table import comparison_rows, paired_rows, qtype_metrics, to_markdown
 from cliptd.training.loop import train_loop
 from cliptd.training.run import build_run
@@ -411,8 +411,7 @@ def main(argv=None) -> int:
     base = {"task": args.task, "data": str(world.data[args.task]),
             "student": str(world.student), "teacher_cache": str(caches[args.task]),
             "preset": "synthetic",
-            # scored apart: the questions about what the student's corpus never showed
-            "eval_words": {"student_unseen": list(STUDENT_UNSEEN)}}
+            "eval_words": eval_words()}
     if args.what == "probe":
         from cliptd.embedded import probe
 

@@ -217,9 +217,12 @@ def main(argv=None) -> int:
     args.storage_path = resolve_storage(args.storage_path)
     try:
         if not args.data:
+            from cliptd.embedded.world import eval_words
+
             world, caches = setup_embedded(args, (args.task,))
             base = {"task": args.task, "data": str(world.data[args.task]),
-                    "student": str(world.student), "teacher_cache": str(caches[args.task])}
+                    "student": str(world.student), "teacher_cache": str(caches[args.task]),
+                    "eval_words": eval_words()}
     except (ValueError, DataError, FileNotFoundError) as exc:
         die(str(exc))
     init_ray(args)

@@ -26,6 +26,14 @@ TASK_SOURCES = {  # task → (folder in the synthetic world, has a box file)
 }
 
 
+def eval_words() -> dict[str, list[str]]:
+    """The run config's ``eval_words`` on the embedded world: the questions about the
+    colours the student's corpus never showed, scored apart."""
+    from cliptd.synthetic.scene import STUDENT_UNSEEN
+
+    return {"student_unseen": list(STUDENT_UNSEEN)}
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("CLIPTD_CACHE", ".cliptd_cache")).resolve()
 
