@@ -139,6 +139,8 @@ def probes(world, n_images: int = 600, seed: int = 0) -> list[dict]:
                      for d in range(FEW_SHOT_DRAWS)]
             for name, score in subsets.items():
                 scored = y[test] if score is None else y[test][score]
+                if len(scored) < 5:  # too few regions of it to score (a tiny world)
+                    continue
                 row = {"attribute": name, "domain": domain, "n_train": int(train.sum()),
                        "n_test": len(scored),
                        "chance": float(np.bincount(scored).max() / len(scored))}
