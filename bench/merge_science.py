@@ -6,7 +6,11 @@ comparison (mean ± std) and the paired differences (method − none: mean ± st
 ahead / pairs) over all of them, per question type and ``eval_words`` group, and writes
 the merged records.
 
-    python bench/merge_science.py a.json b.json fr.json:cliptd=cliptd-fr --out merged.json
+    python bench/merge_science.py a.json b.json fr.json:cliptd=cliptd-fr --out merged.json \
+        --plot paired.png
+
+``--plot``: the paired differences as a figure, one panel per metric, each seed a dot and
+each method's mean ± std a bar.
 
 ``FILE:OLD=NEW`` renames a method of that file (a variant run with other knobs); a record
 of the same (condition, method, seed) given twice is refused.
@@ -35,12 +39,51 @@ def load(spec: str) -> list[dict]:
     return records
 
 
+def plot_paired(records: list[dict], metrics: dict[str, str], out: Path,
+                reference: str = "none") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    by = {(r["method"], r["seed"]): r["metrics"] for r in records}
+    methods = sorted({r["method"] for r in records} - {reference})
+    seeds = sorted({r["seed"] for r in records if r["method"] == reference})
+    cols = 4
+    rows = -(-len(metrics) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax, (label, key) in zip(axes.flat, metrics.items(), strict=False):
+        for x, m in enumerate(methods):
+            d = [100 * (by[(m, s)][key] - by[(reference, s)][key]) for s in seeds
+                 if (m, s) in by and key in by[(m, s)] and key in by[(reference, s)]]
+            if not d:
+                continue
+            ax.scatter([x] * len(d), d, s=12, alpha=0.6)
+            std = float(np.std(d, ddof=1)) if len(d) > 1 else 0.0
+            ax.errorbar(x + 0.15, np.mean(d), yerr=std, fmt="o", color="black", ms=4)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xticks(range(len(methods)), methods, fontsize=7)
+        ax.set_title(label, fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    fig.suptitle(f"paired by seed: method − {reference}, points ({len(seeds)} seeds)",
+                 fontsize=9)
+    fig.tight_layout()
+    tmp = out.with_name(out.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(out)  # whole or not at all
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("files", nargs="+", help="bench science JSON files (FILE[:OLD=NEW,...])")
     p.add_argument("--primary", default="q_a", help="the task's primary metric (VCR: q_a)")
     p.add_argument("--out", type=Path, help="write the merged records and tables here")
+    p.add_argument("--plot", type=Path, help="draw the paired differences into this PNG")
     args = p.parse_args(argv)
     records, seen = [], set()
     for spec in args.files:
@@ -62,6 +105,8 @@ def main(argv=None) -> int:
     for r in records:
         steps.setdefault(r["method"], []).append(int(r["metrics"]["step"]))
     print("steps trained (per seed): " + "; ".join(f"{m} {v}" for m, v in steps.items()))
+    if args.plot:
+        plot_paired(records, metrics, args.plot)
     if args.out:
         atomic_write(args.out, json.dumps({"records": records, "rows": rows, "paired": paired},
                                           indent=1, default=str))

@@ -27,8 +27,10 @@ def test_merged_files_pair_by_seed_and_rename(tmp_path, capsys):
     a = _file(tmp_path / "a.json", [("none", 0, 0.5), ("cliptd", 0, 0.6), ("none", 1, 0.4),
                                     ("cliptd", 1, 0.35)])
     b = _file(tmp_path / "b.json", [("cliptd", 0, 0.7), ("cliptd", 1, 0.5)])
-    out = tmp_path / "merged.json"
-    assert merge_science.main([a, f"{b}:cliptd=cliptd-fr", "--out", str(out)]) == 0
+    out, png = tmp_path / "merged.json", tmp_path / "paired.png"
+    assert merge_science.main([a, f"{b}:cliptd=cliptd-fr", "--out", str(out),
+                               "--plot", str(png)]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
     paired = {(r["metric"]): r for r in json.loads(out.read_text())["paired"]}
     row = paired["in-domain q_a"]
     assert row["cliptd"] == "+2.5 ± 10.6 (1/2)" and row["cliptd-fr"] == "+15.0 ± 7.1 (2/2)"
