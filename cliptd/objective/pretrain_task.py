@@ -70,11 +70,12 @@ class PretrainTask(nn.Module):
         mlm_labels = batch["mlm_labels"].masked_fill(batch["itm_labels"][:, None] == 0, -100)
         itm_rows = batch["itm_labels"] >= 0
         itm_logits = self.itm(out.pooled[itm_rows])
-        logs = {"mlm": F.cross_entropy(self.mlm(out.text_states).flatten(0, 1),
-                                       mlm_labels.flatten(), ignore_index=-100),
-                "itm": F.cross_entropy(itm_logits, batch["itm_labels"][itm_rows])}
+        logs = {"itm": F.cross_entropy(itm_logits, batch["itm_labels"][itm_rows])}
+        mlm = _labelled_mean_ce(self.mlm(out.text_states).flatten(0, 1), mlm_labels.flatten())
+        loss = mlm + logs["itm"]
+        if (mlm_labels != -100).any():  # a small batch may mask nothing: nothing to report
+            logs["mlm"] = mlm
         itm_acc = (itm_logits.argmax(-1) == batch["itm_labels"][itm_rows]).float().mean()
-        loss = logs["mlm"] + logs["itm"]
         gold = batch["choice_gold"]
         if len(gold):
             scores = self.choice(out.pooled[~itm_rows]).view(len(gold), -1)
@@ -92,8 +93,7 @@ class PretrainTask(nn.Module):
             loss = loss + logs["align"]
         if len(self.attributes):
             labels = batch["region_attributes"]
-            attr = sum(F.cross_entropy(head(feats).flatten(0, 1), labels[..., g].flatten(),
-                                       ignore_index=-100)
+            attr = sum(_labelled_mean_ce(head(feats).flatten(0, 1), labels[..., g].flatten())
                        for g, head in enumerate(self.attributes)) / len(self.attributes)
             logs["attr"] = attr
             loss = loss + attr
@@ -117,3 +117,12 @@ class PretrainTask(nn.Module):
             target[index[(b, t)], r] = True
         log_p = logits.log_softmax(-1)
         return -(log_p.masked_fill(~target, float("-inf")).logsumexp(-1)).mean()
+
+
+def _labelled_mean_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over the labelled rows (label != -100), exactly PyTorch's;
+    0, with a zero gradient, when no row is labelled: PyTorch's mean over no rows is NaN,
+    and one NaN loss would turn every weight into NaN at the optimizer step."""
+    if (labels != -100).any():
+        return F.cross_entropy(logits, labels, ignore_index=-100)
+    return logits.sum() * 0.0  # still touches the head: DDP expects every parameter used

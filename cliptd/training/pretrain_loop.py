@@ -71,6 +71,7 @@ def pretrain_loop(config: dict, rt) -> PretrainTask | None:
                disable=not config.get("progress") or rt.rank != 0,
                position=config.get("bar_position", 0))
     sums: dict[str, float] = {}
+    counts: dict[str, int] = {}  # steps that logged each loss (MLM may have nothing masked)
     n, t0 = 0, time.time()
     model.train()
     while step < cfg.steps:
@@ -86,13 +87,14 @@ def pretrain_loop(config: dict, rt) -> PretrainTask | None:
         n += 1
         for k, v in logs.items():
             sums[k] = sums.get(k, 0.0) + v.item()
+            counts[k] = counts.get(k, 0) + 1
         bar.update(1)
         rt.fault_point(config.get("fault"), step)
         if step % cfg.checkpoint_every and step < cfg.steps:
             continue
         # averages over the steps since the last report (this rank's batches)
         # (the per-kind choice sums, "choice_hits/<kind>", are divided by their own count)
-        metrics = {"step": step, **{f"pretrain/{k}": v / n for k, v in sums.items()
+        metrics = {"step": step, **{f"pretrain/{k}": v / counts[k] for k, v in sums.items()
                                     if "/" not in k},
                    **_choice_accuracy_by_kind(sums),
                    "pretrain/lr": sched.get_last_lr()[0],
@@ -109,7 +111,7 @@ def pretrain_loop(config: dict, rt) -> PretrainTask | None:
             "student_config": asdict(scfg), "config": asdict(cfg),
             "corpus": str(config["corpus"]), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(), "rng": rngs, "step": step, "history": history})
-        sums, n, t0 = {}, 0, time.time()
+        sums, counts, n, t0 = {}, {}, 0, time.time()
     bar.close()
     if tracker:
         tracker.close()

@@ -144,6 +144,33 @@ def test_hard_negatives_are_mismatched(items, words):
         assert (batch["region_mask"][batch["image_index"][b], linked]).all()
 
 
+def test_a_batch_with_nothing_masked_stays_finite(items, words):
+    """A small batch can mask no word (or only words of mismatched pairs, which MLM skips):
+    its loss and gradients stay finite, and it reports no MLM loss instead of NaN (which
+    MLflow drops and the optimizer would spread into every weight)."""
+    from cliptd.model.config import StudentConfig
+    from cliptd.model.student import VLStudent
+    from cliptd.model.tokenizers import build_word_tokenizer
+    from cliptd.objective.pretrain_task import PretrainTask
+
+    tok = build_word_tokenizer(words)
+    groups = attribute_groups()
+    batch = make_batch(items, tok, np.random.default_rng(0), PretrainConfig(batch_size=8),
+                       attribute_groups=groups)
+    torch.manual_seed(0)
+    task = PretrainTask(VLStudent(StudentConfig.from_name("visualbert-tiny",
+                                                          vocab_size=len(tok))),
+                        len(tok), tuple(len(g) for g in groups))
+    _, logs = task(batch)
+    assert "mlm" in logs and torch.isfinite(logs["mlm"])
+    batch["mlm_labels"][:] = -100
+    batch["region_attributes"][:] = -100  # nor any region label
+    loss, logs = task(batch)
+    assert torch.isfinite(loss) and "mlm" not in logs and logs["attr"] == 0
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in task.parameters() if p.grad is not None)
+
+
 def _losses(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k.split("/")[-1] in ("mlm", "itm", "attr", "choice", "align")
             or k == "step"}  # not timings
