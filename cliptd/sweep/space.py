@@ -28,7 +28,7 @@ DISTRIBUTIONS = ("uniform", "loguniform", "choice", "randint")
 # waste trials.
 NAIVE_KNOBS = {"distill.lam", "distill.distance", "distill.text_target", "distill.modalities"}
 BUDGET_KEYS = {"num_samples", "epochs", "seeds", "grace_period", "reduction_factor",
-               "min_steps", "max_concurrent", "eval_limit", "methods"}
+               "min_steps", "max_concurrent", "eval_limit", "patience", "methods"}
 TOP_KEYS = {"task", "metric", "conditions", "methods", "fixed", "search", "budgets"}
 
 
@@ -46,6 +46,9 @@ class Budget:
     min_steps: int = 0
     max_concurrent: int = 0  # 0: sized from the cluster's resources
     eval_limit: int = 0  # epochs before the last evaluate on a fixed sample (0: all)
+    # stop a run after this many epochs without a better (sampled) score (0: never); ASHA
+    # still compares trials at its rungs, and a seed re-run stops as its search's trials did
+    patience: int = 0
     # the methods this budget compares (a subset of the space's; None: all of them)
     methods: list[str] | None = None
 
@@ -214,6 +217,9 @@ def load_space(task_or_path: str | Path) -> Space:
         if budgets[bname].num_samples < 1 or budgets[bname].epochs < 1 or \
                 budgets[bname].seeds < 1:
             _fail(path, f"budgets.{bname}", "num_samples, epochs and seeds must be >= 1")
+        if not isinstance(budgets[bname].patience, int) or budgets[bname].patience < 0:
+            _fail(path, f"budgets.{bname}.patience",
+                  f"an integer >= 0, got {budgets[bname].patience!r}")
         chosen = budgets[bname].methods
         if chosen is not None and (not isinstance(chosen, list) or not chosen or
                                    set(chosen) - set(methods)):

@@ -79,6 +79,7 @@ def test_tune_cli_records_every_trial(tmp_path, world_cache, kind="light"):
         assert r.info.status == "FINISHED"
         assert {"task", "shots", "method", "seed"} <= set(r.data.tags)
         assert "distill.method" in r.data.params and "lr" in r.data.params
+        assert r.data.params["patience"] == "1"  # the small budget's, in every run's config
         assert r.data.params["versions.ray"] == "2.60.0"
         assert r.data.tags["trial_kind"] == kind
     for r in search:

@@ -306,3 +306,17 @@ def test_budget_methods_subset(tmp_path):
     vcr = load_space("vcr")
     assert "clip_features" not in vcr.budgets["default"].methods  # the 2-core first look
     assert vcr.budgets["small"].methods is None and vcr.budgets["full"].methods is None
+
+
+def test_budget_patience_is_checked_and_reaches_the_runs(tmp_path):
+    """A budget's patience stops its runs early; a negative one is refused, naming it."""
+    path = write(tmp_path, edit(GOOD, "small: {num_samples: 2, epochs: 2, seeds: 1}",
+                                "small: {num_samples: 2, epochs: 2, seeds: 1, patience: 3}"))
+    assert load_space(path).budgets["small"].patience == 3
+    assert load_space(write(tmp_path, GOOD, "plain.yaml")).budgets["small"].patience == 0
+    bad = write(tmp_path, edit(GOOD, "small: {num_samples: 2, epochs: 2, seeds: 1}",
+                               "small: {num_samples: 2, epochs: 2, seeds: 1, patience: -1}"),
+                "bad.yaml")
+    with pytest.raises(SpaceError, match=r"budgets\.small\.patience"):
+        load_space(bad)
+    assert load_space("vcr").budgets["full"].patience == 2  # issue 19's protocol
