@@ -32,7 +32,7 @@ tune: $(STAMP)
 	$(BIN)/python -m cliptd.tune --task vcr $(ARGS)
 
 test: $(STAMP) browser
-	RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.2 $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.2 $(BIN)/python -m pytest -q -p no:cacheprovider --durations=30 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

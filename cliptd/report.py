@@ -11,7 +11,9 @@ runs: the seed re-runs plus the search's best trial, which is seed 0) give the c
 relative gain over ``none``, and a row per condition of what each method's model costs at
 inference (parameters and forward time per instance as ratios to ``none``, measured side by
 side at the end of each run), as Markdown and CSV, plus plots (accuracy against the shot
-level, gain over ``none`` on the shifted domain, accuracy against inference cost). The ``phase=search`` runs give the search's
+level, gain over ``none`` on the shifted domain, accuracy against inference cost, and the
+headline: the paired map, each method − ``none`` seed by seed per condition, in-domain and
+shifted, with its sign count). The ``phase=search`` runs give the search's
 view (metric against ``distill.select_ratio_v`` and ``distill.weighting``). Every file is
 also logged as an artifact of the sweep's parent run, under ``report/``.
 """
@@ -46,7 +48,8 @@ TASK_METRICS = {"vcr": (("Q→A", "q_a"), ("QA→R", "qa_r"), ("Q→AR", "q_ar")
 GROUPS = (("in-domain", "id"), ("shifted", "shift"))
 FILES = {"md": "comparison.md", "csv": "comparison.csv", "paired_md": "paired.md",
          "paired_csv": "paired.csv", "shots": "accuracy_vs_shots.png",
-         "gain": "gain_shifted.png", "search": "search.png", "cost": "accuracy_vs_cost.png"}
+         "gain": "gain_shifted.png", "search": "search.png", "cost": "accuracy_vs_cost.png",
+         "map": "paired_map.png"}
 
 
 class ReportError(Exception):
@@ -275,6 +278,65 @@ def plot_gain_shifted(records, task: str, path: Path) -> Path:
     return save_fig(fig, path)
 
 
+def paired_map(paired: list[dict], task: str) -> dict:
+    """The headline: where each method beats ``none``, seed by seed. Rows are (condition,
+    in-domain / shifted primary metric), columns the methods; a cell holds the mean paired
+    difference in points and its label (std, seeds ahead / pairs); a missing pair is NaN."""
+    import numpy as np
+
+    primary = dict((m, label) for label, m in TASK_METRICS[task])[PRIMARY_METRIC[task]]
+    wanted = [f"{g} {primary}" for g, _ in GROUPS]
+    rows = sorted((r for r in paired if r["metric"] in wanted),
+                  key=lambda r: (_condition_key(r["condition"]), wanted.index(r["metric"])))
+    methods = [m for m in METHOD_ORDER if any(f"{m}_mean" in r for r in rows)]
+    methods += sorted({k[:-5] for r in rows for k in r if k.endswith("_mean")} - set(methods))
+    values = np.full((len(rows), len(methods)), np.nan)
+    labels = [["" for _ in methods] for _ in rows]
+    for i, r in enumerate(rows):
+        for j, m in enumerate(methods):
+            if f"{m}_mean" in r:
+                values[i, j] = r[f"{m}_mean"]
+                labels[i][j] = (f"{r[f'{m}_mean']:+.1f}\n± {r[f'{m}_std']:.1f}\n"
+                                f"{r[f'{m}_ahead']}/{r[f'{m}_n']}")
+    return {"rows": [f"{r['condition']}\n{r['metric']}" for r in rows], "methods": methods,
+            "values": values, "labels": labels}
+
+
+def _condition_key(condition: str):
+    """``<preset>-shots<level>`` sorted by preset, then shot level as a number."""
+    preset, _, shots = condition.rpartition("-shots")
+    return (preset, shots_key(shots)) if preset else (condition, (0, 0.0, ""))
+
+
+def plot_paired_map(paired: list[dict], task: str, path: Path) -> Path:
+    """The paired map as a diverging heat map (blue: the method ahead of ``none``)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    m = paired_map(paired, task)
+    values = m["values"]
+    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * max(1, len(m["methods"])),
+                                    1.0 + 0.75 * max(1, len(m["rows"]))))
+    if values.size:
+        finite = values[np.isfinite(values)]
+        lim = max(1.0, float(np.abs(finite).max())) if finite.size else 1.0
+        ax.imshow(np.ma.masked_invalid(values), cmap="RdBu", vmin=-lim, vmax=lim,
+                  aspect="auto")
+        for i, row in enumerate(m["labels"]):
+            for j, text in enumerate(row):
+                dark = np.isfinite(values[i, j]) and abs(values[i, j]) > 0.6 * lim
+                ax.text(j, i, text or "—", ha="center", va="center", fontsize=7,
+                        color="white" if dark else "black")
+        ax.set_xticks(range(len(m["methods"])), [f"{x} − none" for x in m["methods"]])
+        ax.set_yticks(range(len(m["rows"])), m["rows"], fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no paired runs (every method needs none's seeds)",
+                ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(f"{task}: paired by seed, points (mean, ± std, seeds ahead / pairs)",
+                 fontsize=9)
+    return save_fig(fig, path)
+
+
 def plot_accuracy_vs_cost(records, task: str, path: Path) -> Path:
     """What each method buys and what it costs at inference: in-domain primary metric
     against forward time per instance and parameters, both as ratios to ``none`` measured side
@@ -396,7 +458,8 @@ def build(uri: str, task: str, experiment: str | None, sweep: str | None, out: P
              "shots": plot_accuracy_vs_shots(got["seeds"], task, out / FILES["shots"]),
              "gain": plot_gain_shifted(got["seeds"], task, out / FILES["gain"]),
              "search": plot_search(got["search"], task, out / FILES["search"]),
-             "cost": plot_accuracy_vs_cost(got["seeds"], task, out / FILES["cost"])}
+             "cost": plot_accuracy_vs_cost(got["seeds"], task, out / FILES["cost"]),
+             "map": plot_paired_map(paired, task, out / FILES["map"])}
     parent_id = got["parent"].info.run_id
     if log_artifacts:
         for p in paths.values():

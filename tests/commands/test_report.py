@@ -159,13 +159,36 @@ def test_pngs_valid(ran):
     from PIL import Image
 
     for name in ("accuracy_vs_shots.png", "gain_shifted.png", "search.png",
-                 "accuracy_vs_cost.png"):
+                 "accuracy_vs_cost.png", "paired_map.png"):
         p = ran["out"] / name
         data = p.read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 5000, name
         with Image.open(p) as im:
             im.verify()
     assert not [p for p in ran["out"].iterdir() if ".tmp" in p.name]  # atomic writes
+
+
+def test_paired_map_holds_the_paired_differences():
+    """The headline map: conditions in shot order, in-domain then shifted, each method's
+    mean paired difference and its sign count, from the same rows as paired.md."""
+    import math
+
+    from cliptd.tracking.table import paired_rows
+
+    records = [{"condition": cond, "method": m, "seed": s,
+                "metrics": {f"val/{g}/q_a": final(cond, m, s, g) for g in ("id", "shift")}}
+               for cond in reversed(list(CONDITIONS)) for m in METHODS for s in SEED_OFFSET]
+    m = report.paired_map(paired_rows(records, report.metric_rows("vcr")), "vcr")
+    assert m["rows"] == [f"{c}\n{g} Q→A" for c in CONDITIONS for g in ("in-domain", "shifted")]
+    assert m["methods"] == ["naive", "cliptd"]
+    # every seed keeps its offset in both methods: the difference is the method's alone
+    assert m["values"][0].tolist() == pytest.approx([2.0, 5.0])   # 5 %, in-domain
+    assert m["values"][1].tolist() == pytest.approx([7.0, 15.0])  # shifted: less drop too
+    assert m["labels"][0][1] == "+5.0\n± 0.0\n3/3"
+    one = report.paired_map(paired_rows(records[:3] + records[6:9],
+                                        report.metric_rows("vcr")), "vcr")  # none + cliptd
+    assert one["methods"] == ["cliptd"] and not any(math.isnan(v) for v in
+                                                     one["values"].ravel())
 
 
 def test_artifacts_on_parent(ran, store):
