@@ -166,8 +166,11 @@ def save_fig(fig, path: Path) -> Path:
 
 
 def _methods(records) -> list[str]:
-    ms = {r["method"] for r in records}
-    return sorted(ms, key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else 99, m))
+    return _in_method_order({r["method"] for r in records})
+
+
+def _in_method_order(methods) -> list[str]:
+    return sorted(methods, key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else 99, m))
 
 
 def _colors(methods) -> dict:
@@ -288,8 +291,8 @@ def paired_map(paired: list[dict], task: str) -> dict:
     wanted = [f"{g} {primary}" for g, _ in GROUPS]
     rows = sorted((r for r in paired if r["metric"] in wanted),
                   key=lambda r: (_condition_key(r["condition"]), wanted.index(r["metric"])))
-    methods = [m for m in METHOD_ORDER if any(f"{m}_mean" in r for r in rows)]
-    methods += sorted({k[:-5] for r in rows for k in r if k.endswith("_mean")} - set(methods))
+    methods = _in_method_order({k.removesuffix("_mean") for r in rows for k in r
+                                if k.endswith("_mean")})
     values = np.full((len(rows), len(methods)), np.nan)
     labels = [["" for _ in methods] for _ in rows]
     for i, r in enumerate(rows):
