@@ -3,6 +3,8 @@
     python -m cliptd.report --task vcr                      # the latest vcr sweep
     python -m cliptd.report --task vcr --sweep vcr-default --out runs/report-vcr
     python -m cliptd.report --task vcr --tracking-uri http://127.0.0.1:5000
+    python -m cliptd.report map runs/report-vcr runs/report-vqa --out runs/report-map
+    python -m cliptd.report defaults runs/<sweep>/best runs/<other sweep>/best
 
 Reads the sweep's runs (experiment ``cliptd-<task>``, parent run tagged ``cliptd.sweep_id``)
 from any MLflow tracking URI. The runs tagged ``cliptd.compare`` (each best config's seed
@@ -313,30 +315,38 @@ def _condition_key(condition: str):
 
 def plot_paired_map(paired: list[dict], task: str, path: Path) -> Path:
     """The paired map as a diverging heat map (blue: the method ahead of ``none``)."""
+    m = paired_map(paired, task)
+    return _draw_map(m["values"], m["labels"], [f"{x} − none" for x in m["methods"]],
+                     m["rows"], f"{task}: paired by seed, points (mean, ± std, seeds ahead / "
+                     "pairs)", path)
+
+
+def _draw_map(values, labels, columns: list[str], rows: list[str], title: str,
+              path: Path) -> Path:
+    """A diverging heat map of paired differences (blue: ahead of ``none``), each cell
+    labelled; NaN cells (no pair) are blank with a dash."""
     import matplotlib.pyplot as plt
     import numpy as np
 
-    m = paired_map(paired, task)
-    values = m["values"]
-    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * max(1, len(m["methods"])),
-                                    1.0 + 0.75 * max(1, len(m["rows"]))))
+    width = max((len(line) for c in columns for line in c.split("\n")), default=10)
+    fig, ax = plt.subplots(figsize=(2.2 + max(1.6, 0.09 * width) * max(1, len(columns)),
+                                    1.0 + 0.75 * max(1, len(rows))))
     if values.size:
         finite = values[np.isfinite(values)]
         lim = max(1.0, float(np.abs(finite).max())) if finite.size else 1.0
         ax.imshow(np.ma.masked_invalid(values), cmap="RdBu", vmin=-lim, vmax=lim,
                   aspect="auto")
-        for i, row in enumerate(m["labels"]):
+        for i, row in enumerate(labels):
             for j, text in enumerate(row):
                 dark = np.isfinite(values[i, j]) and abs(values[i, j]) > 0.6 * lim
                 ax.text(j, i, text or "—", ha="center", va="center", fontsize=7,
                         color="white" if dark else "black")
-        ax.set_xticks(range(len(m["methods"])), [f"{x} − none" for x in m["methods"]])
-        ax.set_yticks(range(len(m["rows"])), m["rows"], fontsize=7)
+        ax.set_xticks(range(len(columns)), columns, fontsize=8)
+        ax.set_yticks(range(len(rows)), rows, fontsize=7)
     else:
         ax.text(0.5, 0.5, "no paired runs (every method needs none's seeds)",
                 ha="center", va="center", transform=ax.transAxes)
-    ax.set_title(f"{task}: paired by seed, points (mean, ± std, seeds ahead / pairs)",
-                 fontsize=9)
+    ax.set_title(title, fontsize=9)
     return save_fig(fig, path)
 
 
@@ -443,6 +453,171 @@ def plot_search(records, task: str, path: Path) -> Path:
     return save_fig(fig, path)
 
 
+# --------------------------------------------------------------------------------------
+# Across sweeps: the map of every swept cell, and cliptd's defaults from their best configs
+
+MAP_FILES = {"png": "map.png", "md": "map.md", "csv": "map.csv"}
+
+
+def _primary_label(task: str) -> str:
+    return dict((m, label) for label, m in TASK_METRICS[task])[PRIMARY_METRIC[task]]
+
+
+def _primary_names(task: str) -> set[str]:
+    """How a paired table may name the task's primary metric: by its label (the report's
+    ``Q→A``) or by its key (``q_a``, as ``bench science`` and older reports wrote it)."""
+    return {_primary_label(task), PRIMARY_METRIC[task]}
+
+
+def read_paired(folder: Path) -> tuple[str, list[dict]]:
+    """A report folder's ``paired.csv`` → (its task, its rows with numbers as numbers). The
+    task is the one whose primary metric labels the rows (each task's are its own)."""
+    import csv
+
+    path = Path(folder) / FILES["paired_csv"]
+    if not path.is_file():
+        raise ReportError(f"{path}: no such file (a folder written by python -m cliptd.report "
+                          "holds one)")
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    labels = {r.get("metric") for r in rows}
+    tasks = [t for t in TASKS if labels & {f"{g} {n}" for g, _ in GROUPS
+                                           for n in _primary_names(t)}]
+    if len(tasks) != 1:
+        raise ReportError(f"{path}: its metric column names no one task's primary metric "
+                          f"({', '.join(f'{g} {_primary_label(t)}' for t in TASKS for g, _ in GROUPS[:1])})")
+    for r in rows:
+        for k, v in r.items():
+            if k.endswith(("_mean", "_std")) and v:
+                r[k] = float(v)
+            elif k.endswith(("_n", "_ahead")) and v:
+                r[k] = int(v)
+    return tasks[0], rows
+
+
+def _map_column(task: str, metric: str) -> tuple | None:
+    """A paired row's metric → its map column kind (group index, words name or ""), or None
+    for a row the map leaves out (secondary metrics, question types)."""
+    for i, (group, _) in enumerate(GROUPS):
+        if metric in {f"{group} {n}" for n in _primary_names(task)}:
+            return (i, "")
+        prefix = f"{group} {PRIMARY_METRIC[task]} [words: "
+        if metric.startswith(prefix) and metric.endswith("]"):
+            return (i, metric[len(prefix):-1])
+    return None
+
+
+def cell_map(folders: list[Path]) -> dict:
+    """The map across sweeps (issue 19's headline): rows are the swept cells (task × shot
+    level × preset, from each report folder's ``paired.csv``), columns each method − none on
+    the task's primary metric in-domain and shifted, then on each ``eval_words`` group; a
+    cell holds the mean paired difference in points and its label (std, seeds ahead / pairs)."""
+    import numpy as np
+
+    cells, rows, origin = {}, {}, {}
+    for folder in folders:
+        task, paired = read_paired(folder)
+        for r in paired:
+            kind = _map_column(task, r["metric"])
+            if kind is None:
+                continue
+            preset, _, shots = r["condition"].rpartition("-shots")
+            row = f"{task} {shots_label(shots)}" + (f" ({preset})" if preset else "") + \
+                f", {_primary_label(task)}"
+            if origin.setdefault(row, folder) != folder:
+                raise ReportError(f"{origin[row]} and {folder} both hold the cell {row!r}")
+            rows[row] = (TASKS.index(task), shots_key(shots), preset)
+            for m in (k.removesuffix("_mean") for k in r if k.endswith("_mean")):
+                if isinstance(r[f"{m}_mean"], float):
+                    cells[(row, m, kind)] = r
+    columns = sorted({(m, kind) for _, m, kind in cells},
+                     key=lambda c: (_in_method_order({m for _, m, _ in cells}).index(c[0]),
+                                    c[1][1] != "", c[1][1], c[1][0]))
+    ordered = sorted(rows, key=rows.get)
+    values = np.full((len(ordered), len(columns)), np.nan)
+    labels = [["" for _ in columns] for _ in ordered]
+    for i, row in enumerate(ordered):
+        for j, (m, kind) in enumerate(columns):
+            r = cells.get((row, m, kind))
+            if r is not None:
+                values[i, j] = r[f"{m}_mean"]
+                labels[i][j] = f"{r[f'{m}_mean']:+.1f} ± {r[f'{m}_std']:.1f} " \
+                               f"({r[f'{m}_ahead']}/{r[f'{m}_n']})"
+    names = [f"{m} − none\n{GROUPS[g][0]}" + (f"\n[{w}]" if w else "") for m, (g, w) in columns]
+    return {"rows": ordered, "columns": names, "values": values, "labels": labels}
+
+
+def write_cell_map(folders: list[Path], out: Path) -> dict:
+    """The map as a heat map, Markdown and CSV under ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    m = cell_map(folders)
+    if not m["rows"]:
+        raise ReportError(f"no paired rows of a primary metric in {', '.join(map(str, folders))}")
+    head = ["cell", *(c.replace("\n", ", ") for c in m["columns"])]
+    table = [dict(zip(head, [row, *(v or "" for v in labels)], strict=True))
+             for row, labels in zip(m["rows"], m["labels"], strict=True)]
+    out.mkdir(parents=True, exist_ok=True)
+    md = "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n" + "".join(
+        "| " + " | ".join(r[h] for h in head) + " |\n" for r in table)
+    paths = {"md": atomic_write(out / MAP_FILES["md"], md),
+             "csv": atomic_write(out / MAP_FILES["csv"], to_csv(table)),
+             "png": _draw_map(m["values"], [[t.replace(" ± ", "\n± ").replace(" (", "\n(")
+                                            for t in row] for row in m["labels"]],
+                              m["columns"], m["rows"], "Where CLIP-TD helps: each method − none "
+                              "paired by seed, points (mean, ± std, seeds ahead / pairs)",
+                              out / MAP_FILES["png"])}
+    return {**m, "markdown": md, "paths": paths}
+
+
+def map_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog=f"{prog('cliptd.report')} map",
+        description="The map of every swept cell: each method − none paired by seed, from "
+        "the paired.csv of report folders (python -m cliptd.report --out FOLDER).")
+    parser.add_argument("folders", nargs="+", type=Path, help="report folders")
+    parser.add_argument("--out", type=Path, default=Path("runs") / "report-map",
+                        help="output folder (default runs/report-map)")
+    args = parser.parse_args(argv)
+    try:
+        res = write_cell_map(args.folders, args.out.resolve())
+    except ReportError as exc:
+        print(f"cliptd: error: {exc}", file=sys.stderr)
+        return 2
+    print(res["markdown"])
+    for p in res["paths"].values():
+        print(f"wrote {p}")
+    return 0
+
+
+def defaults_main(argv: list[str]) -> int:
+    from cliptd.sweep import defaults
+
+    parser = argparse.ArgumentParser(
+        prog=f"{prog('cliptd.report')} defaults",
+        description="cliptd's default distillation knobs derived from the sweeps' best "
+        "configs (cliptd.sweep.defaults): per knob, each cell's value, the derived default "
+        "and the shipped one. Exit status 1 when they differ.")
+    parser.add_argument("paths", nargs="+", type=Path,
+                        help="best cliptd configs (*-cliptd.yaml) or folders holding them")
+    args = parser.parse_args(argv)
+    try:
+        named = defaults.best_configs(args.paths)
+    except (OSError, ValueError) as exc:
+        print(f"cliptd: error: {exc}", file=sys.stderr)
+        return 2
+    rows = defaults.derivation_rows(named)
+    head = ["knob", *named, "derived", "shipped"]
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for r in rows:
+        print("| " + " | ".join(r[h] for h in head) + " |")
+    differ = [r["knob"] for r in rows if not r["same"]]
+    print(f"\nthe shipped defaults differ on {', '.join(differ)}" if differ else
+          "\nthe shipped defaults are the derived ones")
+    return 1 if differ else 0
+
+
 def build(uri: str, task: str, experiment: str | None, sweep: str | None, out: Path,
           log_artifacts: bool = True) -> dict:
     import matplotlib
@@ -483,6 +658,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help="output folder (default runs/report-<task>)")
     parser.add_argument("--no-log", action="store_true",
                         help="do not log the files as artifacts of the sweep's parent run")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["map"]:
+        return map_main(argv[1:])
+    if argv[:1] == ["defaults"]:
+        return defaults_main(argv[1:])
     args = parser.parse_args(argv)
     from cliptd.tracking import runs as tracking
 

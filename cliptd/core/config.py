@@ -34,21 +34,27 @@ CHOICES = {
 
 @dataclass(frozen=True)
 class DistillConfig:
+    """The distillation knobs. The defaults of the knobs the search spaces search are the
+    platform's own sweeps' result, not a guess: per knob, what the best ``cliptd`` configs
+    of the swept cells (``bench/results/v2-*-sweep/``) agree on, by the rule in
+    ``cliptd.sweep.defaults`` (``python -m cliptd.report defaults`` shows the derivation;
+    ``tests/sweep/test_defaults.py`` keeps the two equal)."""
+
     method: str = "cliptd"
     select_by: str = "relevance"
     select_ratio_v: float = 0.5  # ρ for region tokens
-    select_ratio_t: float = 0.5  # ρ for text tokens
+    select_ratio_t: float = 0.61  # ρ for text tokens
     weighting: str = "confidence"
     # Confidence weights average well below 1 with a mediocre teacher, which silently
     # shrinks λ; "batch_mean" rescales them to mean 1 so λ keeps its meaning.
-    weight_norm: str = "batch_mean"
-    lam: float = 1.0
+    weight_norm: str = "none"
+    lam: float = 0.56
     schedule: str = "constant"
     warmup_frac: float = 0.1  # for schedule=warmup: share of steps ramping λ up
     distance: str = "cosine"
-    text_target: str = "pooled"
+    text_target: str = "tokens"
     modalities: str = "both"
-    visual_layer: str = "final"
+    visual_layer: str = "features"
     region_weighting: str = "uniform"
 
     def __post_init__(self):

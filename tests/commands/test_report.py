@@ -320,3 +320,67 @@ def test_runs_without_metrics_are_reported(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 0
     assert "2 of 2 run(s) have no val/id/q_a in MLflow" in err, err
+
+
+def _snli_folder(tmp_path, name="snli", cond="synthetic-shots0.05"):
+    """A report folder of another task, as ``bench science`` and older reports wrote it
+    (metrics named by key), with an eval_words row and a question-type row."""
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "paired.csv").write_text(
+        "condition,metric,reference,cliptd,cliptd_mean,cliptd_std,cliptd_n,cliptd_ahead\n"
+        f"{cond},in-domain acc,none,+0.6 ± 1.2 (3/5),0.6,1.2,5,3\n"
+        f"{cond},shifted acc,none,-0.3 ± 0.9 (2/5),-0.3,0.9,5,2\n"
+        f"{cond},in-domain acc [words: unseen],none,-1.1 ± 0.9 (0/5),-1.1,0.9,5,0\n"
+        f"{cond},in-domain acc [colour],none,+9.9 ± 0.1 (5/5),9.9,0.1,5,5\n",
+        encoding="utf-8")
+    return folder
+
+
+def test_map_across_sweeps(ran, tmp_path, capsys):
+    """``report map``: one row per swept cell of every report folder given (tasks in TASKS
+    order, shot levels ascending), one column per method − none on the primary metric
+    in-domain, shifted, then each eval_words group; secondary metrics and question types are
+    left out; Markdown, CSV and a PNG."""
+    from PIL import Image
+
+    snli = _snli_folder(tmp_path)
+    out = tmp_path / "map"
+    assert report.main(["map", str(snli), str(ran["out"]), "--out", str(out)]) == 0
+    m = report.cell_map([snli, ran["out"]])
+    assert m["rows"] == ["vcr 5% (synthetic), Q→A", "vcr full (synthetic), Q→A",
+                         "snli_ve 5% (synthetic), acc"]
+    assert m["columns"] == ["naive − none\nin-domain", "naive − none\nshifted",
+                            "cliptd − none\nin-domain", "cliptd − none\nshifted",
+                            "cliptd − none\nin-domain\n[unseen]"]
+    nan = float("nan")
+    # the fixtures' methods differ by fixed offsets in every seed (test_paired_map_...)
+    assert m["values"][0].tolist() == pytest.approx([2.0, 7.0, 5.0, 15.0, nan], nan_ok=True)
+    assert m["values"][2].tolist() == pytest.approx([nan, nan, 0.6, -0.3, -1.1], nan_ok=True)
+    assert m["labels"][0][2] == "+5.0 ± 0.0 (3/3)" and m["labels"][2][0] == ""
+    md = (out / "map.md").read_text()
+    assert "| snli_ve 5% (synthetic), acc |  |  | +0.6 ± 1.2 (3/5) | -0.3 ± 0.9 (2/5) | " \
+           "-1.1 ± 0.9 (0/5) |" in md and "9.9" not in md
+    assert md in capsys.readouterr().out
+    with Image.open(out / "map.png") as im:
+        im.verify()
+    assert sorted(p.name for p in out.iterdir()) == ["map.csv", "map.md", "map.png"]
+
+
+def test_map_refuses_what_it_cannot_place(ran, tmp_path, capsys):
+    """A folder without a paired table, one whose rows name no task's primary metric, and
+    the same cell in two folders: one line naming the file or cells, exit 2, nothing written."""
+    out = tmp_path / "map"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert report.main(["map", str(empty), "--out", str(out)]) == 2
+    assert f"{empty / 'paired.csv'}: no such file" in capsys.readouterr().err
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "paired.csv").write_text("condition,metric,reference\nx,in-domain BLEU,none\n")
+    assert report.main(["map", str(odd), "--out", str(out)]) == 2
+    assert "names no one task's primary metric" in capsys.readouterr().err
+    a, b = _snli_folder(tmp_path, "a"), _snli_folder(tmp_path, "b")
+    assert report.main(["map", str(a), str(b), "--out", str(out)]) == 2
+    assert "both hold the cell 'snli_ve 5% (synthetic), acc'" in capsys.readouterr().err
+    assert not out.exists()

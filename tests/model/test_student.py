@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _knobs import knobs
 from torch.utils.flop_counter import FlopCounterMode
 
 from cliptd.model.config import StudentConfig
@@ -224,7 +225,7 @@ def test_export_parity(arch, tokenizer, tmp_path):
     exported = {}
     for method in ("none", "cliptd", "clip_features"):
         task = CLIPTDTask(_method_student(method, arch, tokenizer),
-                          DistillConfig(method=method).resolved(), teacher_dim=TEACHER_DIM)
+                          knobs(method=method).resolved(), teacher_dim=TEACHER_DIM)
         # the task module does carry the projection heads while training
         heads = count_parameters(task.distiller)
         assert heads == 2 * (task.student.cfg.hidden_size * TEACHER_DIM + TEACHER_DIM)
@@ -282,7 +283,7 @@ def test_export_best_drops_projection_heads(tokenizer, tmp_path):
     """A training checkpoint holds the whole task module; export keeps the student alone."""
     from cliptd.training.checkpoint import CHECKPOINT_FORMAT, export_best
 
-    task = CLIPTDTask(make_student("visualbert", tokenizer), DistillConfig(), TEACHER_DIM)
+    task = CLIPTDTask(make_student("visualbert", tokenizer), knobs(), TEACHER_DIM)
     with torch.no_grad():
         task.distiller.proj_v.weight.fill_(0.5)
     ckpt = tmp_path / "ckpt"
@@ -331,7 +332,7 @@ def _teacher_batch(tokenizer) -> dict:
 
 
 def test_task_forward_adds_distillation_for_cliptd(tokenizer):
-    task = CLIPTDTask(make_student("visualbert", tokenizer), DistillConfig(), TEACHER_DIM).eval()
+    task = CLIPTDTask(make_student("visualbert", tokenizer), knobs(), TEACHER_DIM).eval()
     batch = _teacher_batch(tokenizer)
     loss, logs = task(batch, progress=0.0)
     assert logs["loss/distill"] > 0

@@ -8,6 +8,7 @@ from fractions import Fraction
 
 import pytest
 import torch
+from _knobs import knobs
 
 from cliptd.core.config import CHOICES, DistillConfig
 from cliptd.objective.distill import Distiller, distance, instance_weights, lambda_at, select_tokens
@@ -313,12 +314,12 @@ def _reference_loss(distiller: Distiller, region_states, text_states, t, progres
 
 
 @pytest.mark.parametrize("cfg", [
-    DistillConfig(),
-    DistillConfig(distance="l2", weighting="threshold", select_ratio_v=0.3, select_ratio_t=0.7),
-    DistillConfig(distance="l1", weighting="uniform", weight_norm="none", modalities="visual"),
-    DistillConfig(distance="smooth_l1", modalities="text", schedule="cosine", lam=2.5),
-    DistillConfig(method="naive", lam=0.8).resolved(),
-    DistillConfig(region_weighting="confidence", select_ratio_v=0.6),
+    knobs(),
+    knobs(distance="l2", weighting="threshold", select_ratio_v=0.3, select_ratio_t=0.7),
+    knobs(distance="l1", weighting="uniform", weight_norm="none", modalities="visual"),
+    knobs(distance="smooth_l1", modalities="text", schedule="cosine", lam=2.5),
+    knobs(method="naive", lam=0.8).resolved(),
+    knobs(region_weighting="confidence", select_ratio_v=0.6),
 ], ids=["default", "l2-threshold", "l1-visual", "smoothl1-text-cosine", "naive",
         "region-confidence"])
 def test_distiller_matches_independent_computation(cfg):
@@ -334,7 +335,7 @@ def test_distiller_matches_independent_computation(cfg):
 def test_distiller_pinned_value():
     """A fixed seed pins the exact number (catches a silent change of init or formula)."""
     torch.manual_seed(0)
-    distiller = Distiller(H, D, DistillConfig())
+    distiller = Distiller(H, D, knobs())
     rs, ts, t = _inputs(1)
     loss, _ = distiller(rs, ts, t, progress=0.0)
     expected = _reference_loss(distiller, rs, ts, t, 0.0)
@@ -346,7 +347,7 @@ def test_region_confidence_weighs_each_region():
     """A region of zero confidence drops out of its instance's visual term; confidence on
     one region only makes the term that region's distance; uniform weighting ignores it."""
     torch.manual_seed(0)
-    cfg = DistillConfig(region_weighting="confidence", select_by="all", modalities="visual",
+    cfg = knobs(region_weighting="confidence", select_by="all", modalities="visual",
                         weighting="uniform", weight_norm="none")
     distiller = Distiller(H, D, cfg)
     rs, ts, t = _inputs(2)
@@ -359,7 +360,7 @@ def test_region_confidence_weighs_each_region():
     t["region_conf"][0] = 0.0  # nothing to weigh: contributes 0, not NaN
     loss, _ = distiller(rs, ts, t, progress=0.0)
     assert loss.item() == pytest.approx(d[1:, 2].sum().item() / N, rel=1e-5)
-    uniform = Distiller(H, D, DistillConfig(select_by="all", modalities="visual",
+    uniform = Distiller(H, D, knobs(select_by="all", modalities="visual",
                                             weighting="uniform", weight_norm="none"))
     uniform.load_state_dict(distiller.state_dict())
     assert uniform(rs, ts, t, progress=0.0)[0].item() == pytest.approx(d.mean().item(),
@@ -369,8 +370,8 @@ def test_region_confidence_weighs_each_region():
 def test_distiller_zero_when_lambda_zero():
     torch.manual_seed(0)
     rs, ts, t = _inputs(2)
-    for cfg in (DistillConfig(lam=0.0), DistillConfig(method="none").resolved(),
-                DistillConfig(schedule="linear")):
+    for cfg in (knobs(lam=0.0), knobs(method="none").resolved(),
+                knobs(schedule="linear")):
         distiller = Distiller(H, D, cfg)
         progress = 1.0 if cfg.schedule == "linear" else 0.5
         loss, logs = distiller(rs.requires_grad_(), ts, t, progress=progress)
@@ -380,7 +381,7 @@ def test_distiller_zero_when_lambda_zero():
 
 def test_distiller_gradient_flows_to_heads_and_states():
     torch.manual_seed(0)
-    distiller = Distiller(H, D, DistillConfig())
+    distiller = Distiller(H, D, knobs())
     rs, ts, t = _inputs(3)
     rs.requires_grad_()
     ts.requires_grad_()
@@ -397,7 +398,7 @@ def test_distiller_gradient_flows_to_heads_and_states():
 
 def test_distiller_visual_only_leaves_text_head_untouched():
     torch.manual_seed(0)
-    distiller = Distiller(H, D, DistillConfig(modalities="visual"))
+    distiller = Distiller(H, D, knobs(modalities="visual"))
     rs, ts, t = _inputs(4)
     distiller(rs, ts, t, progress=0.0)[0].backward()
     assert distiller.proj_v.weight.grad is not None
@@ -411,11 +412,11 @@ def test_visual_layer_distils_into_the_region_features():
     torch.manual_seed(0)
     rs, ts, t = _inputs(5)
     feats = torch.randn(rs.shape[0], rs.shape[1], 12)
-    assert not hasattr(Distiller(H, D, DistillConfig()), "proj_f")
+    assert not hasattr(Distiller(H, D, knobs()), "proj_f")
     losses = {}
     for layer in ("final", "features", "both"):
         torch.manual_seed(1)
-        d = Distiller(H, D, DistillConfig(visual_layer=layer, modalities="visual"),
+        d = Distiller(H, D, knobs(visual_layer=layer, modalities="visual"),
                       region_dim=12)
         states, f = rs.clone().requires_grad_(), feats.clone().requires_grad_()
         loss, _ = d(states, ts, t, progress=0.0, region_features=f)

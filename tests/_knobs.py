@@ -1,0 +1,16 @@
+"""Distillation knobs for the tests of the objective's mechanics.
+
+The tests were written on the defaults before the platform's sweeps chose them (issue 19,
+``cliptd.sweep.defaults``); they keep those knobs explicitly, so that their numbers (a pinned
+loss, a head count) test the mechanics whatever the defaults become."""
+
+from __future__ import annotations
+
+from cliptd.core.config import DistillConfig
+
+PRE_SWEEP = dict(select_ratio_t=0.5, weight_norm="batch_mean", lam=1.0, text_target="pooled",
+                 visual_layer="final")
+
+
+def knobs(**kw) -> DistillConfig:
+    return DistillConfig(**{**PRE_SWEEP, **kw})
