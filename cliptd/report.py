@@ -16,8 +16,14 @@ side at the end of each run), as Markdown and CSV, plus plots (accuracy against 
 level, gain over ``none`` on the shifted domain, accuracy against inference cost, and the
 headline: the paired map, each method − ``none`` seed by seed per condition, in-domain and
 shifted, with its sign count). The ``phase=search`` runs give the search's
-view (metric against ``distill.select_ratio_v`` and ``distill.weighting``). Every file is
-also logged as an artifact of the sweep's parent run, under ``report/``.
+view (metric against ``distill.select_ratio_v`` and ``distill.weighting``), and
+``sweep_time.md`` where the trial slots' time went (training steps, evaluation, set-up,
+the rest). Every file is also logged as an artifact of the sweep's parent run, under
+``report/``.
+
+Across sweeps: ``map`` draws every swept cell (the ``paired.csv`` of several report
+folders, any tasks) as one paired map, issue 19's headline; ``defaults`` shows how
+``cliptd``'s default knobs follow from the sweeps' best configs (``cliptd.sweep.defaults``).
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ TASK_METRICS = {"vcr": (("Q→A", "q_a"), ("QA→R", "qa_r"), ("Q→AR", "q_ar")
                 "vqa": (("VQA acc", "vqa_acc"),)}
 GROUPS = (("in-domain", "id"), ("shifted", "shift"))
 FILES = {"md": "comparison.md", "csv": "comparison.csv", "paired_md": "paired.md",
-         "paired_csv": "paired.csv", "shots": "accuracy_vs_shots.png",
+         "paired_csv": "paired.csv", "time": "sweep_time.md", "shots": "accuracy_vs_shots.png",
          "gain": "gain_shifted.png", "search": "search.png", "cost": "accuracy_vs_cost.png",
          "map": "paired_map.png"}
 
@@ -119,6 +125,7 @@ def run_record(run) -> dict:
             "preset": preset, "shots": shots, "method": t.get("method", "?"),
             "seed": t.get("seed", ""), "phase": t.get("phase", ""),
             "compare": t.get("cliptd.compare") == "true" or t.get("phase") == "seeds",
+            "start_ms": run.info.start_time,
             # run.data.metrics holds each metric's latest value (highest step = last epoch)
             "metrics": dict(run.data.metrics), "params": dict(run.data.params)}
 
@@ -149,7 +156,54 @@ def load_runs(uri: str, task: str, experiment: str | None, sweep: str | None) ->
                           f"cliptd.compare, {len(children)} child run(s) in all)")
     return {"client": c, "experiment": exp, "parent": parent, "seeds": done,
             "skipped": [r for r in seeds if r["status"] != "FINISHED"],
-            "search": [r for r in children if r["phase"] == "search"]}
+            "search": [r for r in children if r["phase"] == "search"], "children": children}
+
+
+# what each trial reports of its own time, per epoch (cliptd.training.loop)
+TIME_KEYS = {"train": "train/seconds", "eval": "time/eval_s", "setup": "time/setup_s"}
+
+
+def sweep_time(c, runs: list[dict]) -> dict:
+    """Where a sweep's trial slots spent their time (issue 20: a trial should cost its
+    training), from MLflow alone. A trial lasts from its run's start (opened when Tune
+    starts it) to its last reported epoch; the slots are the most trials seen at once; the
+    slots' time is slots × (first start → last report). Training steps, evaluation and
+    set-up are what the trials reported; the rest of the slots' time went to starting
+    processes, Ray, the search itself, or a slot standing idle."""
+    spans, parts = [], dict.fromkeys(TIME_KEYS, 0.0)
+    for r in runs:
+        if r.get("start_ms") is None:
+            continue
+        start = end = r["start_ms"] / 1000
+        for part, key in TIME_KEYS.items():
+            history = c.get_metric_history(r["run_id"], key)
+            parts[part] += sum(m.value for m in history)
+            end = max([end] + [m.timestamp / 1000 for m in history])
+        spans.append((start, end))
+    if not spans:
+        return {}
+    # the most trials running at once: +1 at a start, −1 at an end (ends first on a tie)
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    slots = running = 0
+    for _, step in events:
+        running += step
+        slots = max(slots, running)
+    wall = max(e for _, e in spans) - min(s for s, _ in spans)
+    slot_s = slots * wall
+    share = {f"{k}_share": v / slot_s if slot_s > 0 else float("nan") for k, v in parts.items()}
+    return {"trials": len(spans), "slots": slots, "wall_s": wall, "slot_s": slot_s,
+            **{f"{k}_s": v for k, v in parts.items()}, **share,
+            "other_s": slot_s - sum(parts.values())}
+
+
+def sweep_time_markdown(t: dict) -> str:
+    if not t:
+        return "(no trial reported its time)\n"
+    return (f"{t['trials']} trials on {t['slots']} slot(s) over {t['wall_s'] / 60:.1f} min: of "
+            f"the slots' {t['slot_s'] / 60:.1f} min, training steps {t['train_share']:.0%}, "
+            f"evaluation {t['eval_share']:.0%}, set-up {t['setup_share']:.0%}, the rest "
+            f"(process starts, Ray, the search, idle slots) "
+            f"{1 - t['train_share'] - t['eval_share'] - t['setup_share']:.0%}\n")
 
 
 # --------------------------------------------------------------------------------------
@@ -629,7 +683,9 @@ def build(uri: str, task: str, experiment: str | None, sweep: str | None, out: P
     paired = paired_rows(got["seeds"], {**metric_rows(task), **qtype_metrics(
         got["seeds"], PRIMARY_METRIC[task])})
     md = to_markdown(rows)
+    timing = sweep_time(got["client"], got["children"])
     paths = {"md": atomic_write(out / FILES["md"], md),
+             "time": atomic_write(out / FILES["time"], sweep_time_markdown(timing)),
              "csv": atomic_write(out / FILES["csv"], to_csv(rows)),
              "paired_md": atomic_write(out / FILES["paired_md"], to_markdown(paired)),
              "paired_csv": atomic_write(out / FILES["paired_csv"], to_csv(paired)),
@@ -642,7 +698,7 @@ def build(uri: str, task: str, experiment: str | None, sweep: str | None, out: P
     if log_artifacts:
         for p in paths.values():
             got["client"].log_artifact(parent_id, str(p), artifact_path="report")
-    return {**got, "rows": rows, "markdown": md, "paired": paired,
+    return {**got, "rows": rows, "markdown": md, "paired": paired, "time": timing,
             "paired_markdown": to_markdown(paired), "paths": paths, "parent_id": parent_id}
 
 
@@ -703,6 +759,8 @@ def main(argv=None) -> int:
     print(res["markdown"])
     print("Paired by seed: method − none, points (mean ± std, seeds ahead / pairs)")
     print(res["paired_markdown"])
+    print("== Where the trial slots' time went ==")
+    print(sweep_time_markdown(res["time"]))
     for p in res["paths"].values():
         print(f"wrote {p}")
     if not args.no_log:
