@@ -170,7 +170,9 @@ def sweep_time(c, runs: list[dict]) -> dict:
     slots' time is slots × (first start → last report). Training steps, evaluation and
     set-up are what the trials reported; the rest of the slots' time went to starting
     processes, Ray, the search itself, or a slot standing idle."""
-    spans, parts = [], dict.fromkeys(TIME_KEYS, 0.0)
+    import numpy as np
+
+    spans, firsts, parts = [], [], dict.fromkeys(TIME_KEYS, 0.0)
     for r in runs:
         if r.get("start_ms") is None:
             continue
@@ -179,6 +181,8 @@ def sweep_time(c, runs: list[dict]) -> dict:
             history = c.get_metric_history(r["run_id"], key)
             parts[part] += sum(m.value for m in history)
             end = max([end] + [m.timestamp / 1000 for m in history])
+            if part == "train" and history:  # its first result: the first epoch's report
+                firsts.append(min(m.timestamp for m in history) / 1000 - start)
         spans.append((start, end))
     if not spans:
         return {}
@@ -193,7 +197,9 @@ def sweep_time(c, runs: list[dict]) -> dict:
     share = {f"{k}_share": v / slot_s if slot_s > 0 else float("nan") for k, v in parts.items()}
     return {"trials": len(spans), "slots": slots, "wall_s": wall, "slot_s": slot_s,
             **{f"{k}_s": v for k, v in parts.items()}, **share,
-            "other_s": slot_s - sum(parts.values())}
+            "other_s": slot_s - sum(parts.values()),
+            # a trial's start → its first result (what ASHA waits for), median over trials
+            "first_result_s": float(np.median(firsts)) if firsts else float("nan")}
 
 
 def sweep_time_markdown(t: dict) -> str:
@@ -203,7 +209,8 @@ def sweep_time_markdown(t: dict) -> str:
             f"the slots' {t['slot_s'] / 60:.1f} min, training steps {t['train_share']:.0%}, "
             f"evaluation {t['eval_share']:.0%}, set-up {t['setup_share']:.0%}, the rest "
             f"(process starts, Ray, the search, idle slots) "
-            f"{1 - t['train_share'] - t['eval_share'] - t['setup_share']:.0%}\n")
+            f"{1 - t['train_share'] - t['eval_share'] - t['setup_share']:.0%}; a trial's "
+            f"start → first result {t['first_result_s']:.0f} s (median)\n")
 
 
 # --------------------------------------------------------------------------------------
