@@ -56,8 +56,9 @@ def test_budget_caps_the_slots(cluster):
 
 def test_jobs_never_hold_more_trials_than_slots(monkeypatch):
     """run_jobs: the trials that running jobs may hold never exceed twice the slots (the
-    driver room plan_resources reserves), every job runs, the last queued job may use every
-    slot, and a finished search's follow-up (its seed re-runs) is queued."""
+    driver room plan_resources reserves), every running job may use every slot (so a slot
+    one job leaves goes to another's waiting trial), every job runs, and a finished
+    search's follow-up (its seed re-runs) is queued."""
     import ray
 
     live, launches = [], []
@@ -91,10 +92,10 @@ def test_jobs_never_hold_more_trials_than_slots(monkeypatch):
 
     sweep_plan.run_jobs(jobs, {"concurrency": 2, "task": {"num_cpus": 0}}, on_done)
     assert sorted(done) == ["a", "a-seeds", "b", "b-seeds", "c", "c-seeds"]
-    assert launches[:2] == [("a", 1), ("b", 1)]  # two jobs at a time, one trial each
+    assert launches[:2] == [("a", 2), ("b", 2)]  # two jobs at a time, each may fill both
     launches.clear()
     sweep_plan.run_jobs(jobs, {"concurrency": 2, "task": {"num_cpus": 0}}, lambda j, r: [])
-    assert launches == [("a", 1), ("b", 1), ("c", 2)]  # the last one may take both slots
+    assert launches == [("a", 2), ("b", 2), ("c", 2)]  # c starts once a has ended
     launches.clear()
     sweep_plan.run_jobs(jobs[:1], {"concurrency": 2, "task": {"num_cpus": 0}}, lambda j, r: [])
     assert launches == [("a", 2)]  # a job alone gets both slots
