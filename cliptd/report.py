@@ -664,10 +664,15 @@ def defaults_main(argv: list[str]) -> int:
                         help="best cliptd configs (*-cliptd.yaml) or folders holding them")
     args = parser.parse_args(argv)
     try:
-        named = defaults.best_configs(args.paths)
+        files = defaults.best_configs(args.paths)
     except (OSError, ValueError) as exc:
         print(f"cliptd: error: {exc}", file=sys.stderr)
         return 2
+    # each cell by name, as the map names it (its file name where two would share one)
+    labels = {f: f"{c.get('task')} {shots_label(c.get('shots'))} ({c.get('preset')})"
+              for f, c in files.items()}
+    unique = len(set(labels.values())) == len(labels)
+    named = {labels[f] if unique else f: c for f, c in files.items()}
     rows = defaults.derivation_rows(named)
     head = ["knob", *named, "derived", "shipped"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))

@@ -49,10 +49,10 @@ class DistillConfig:
     # shrinks λ; "batch_mean" rescales them to mean 1 so λ keeps its meaning.
     weight_norm: str = "none"
     lam: float = 0.56
-    schedule: str = "constant"
+    schedule: str = "cosine"
     warmup_frac: float = 0.1  # for schedule=warmup: share of steps ramping λ up
     distance: str = "cosine"
-    text_target: str = "tokens"
+    text_target: str = "pooled"
     modalities: str = "both"
     visual_layer: str = "features"
     region_weighting: str = "uniform"
