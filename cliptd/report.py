@@ -545,8 +545,9 @@ def read_paired(folder: Path) -> tuple[str, list[dict]]:
     tasks = [t for t in TASKS if labels & {f"{g} {n}" for g, _ in GROUPS
                                            for n in _primary_names(t)}]
     if len(tasks) != 1:
+        known = ", ".join(f"in-domain {_primary_label(t)}" for t in TASKS)
         raise ReportError(f"{path}: its metric column names no one task's primary metric "
-                          f"({', '.join(f'{g} {_primary_label(t)}' for t in TASKS for g, _ in GROUPS[:1])})")
+                          f"({known}, ...)")
     for r in rows:
         for k, v in r.items():
             if k.endswith(("_mean", "_std")) and v:
@@ -591,9 +592,10 @@ def cell_map(folders: list[Path]) -> dict:
             for m in (k.removesuffix("_mean") for k in r if k.endswith("_mean")):
                 if isinstance(r[f"{m}_mean"], float):
                     cells[(row, m, kind)] = r
+    methods = _in_method_order({m for _, m, _ in cells})
+    # per method: in-domain, shifted, then each words group (in-domain, shifted)
     columns = sorted({(m, kind) for _, m, kind in cells},
-                     key=lambda c: (_in_method_order({m for _, m, _ in cells}).index(c[0]),
-                                    c[1][1] != "", c[1][1], c[1][0]))
+                     key=lambda c: (methods.index(c[0]), c[1][1] != "", c[1][1], c[1][0]))
     ordered = sorted(rows, key=rows.get)
     values = np.full((len(ordered), len(columns)), np.nan)
     labels = [["" for _ in columns] for _ in ordered]
