@@ -195,9 +195,14 @@ def sweep_time(c, runs: list[dict]) -> dict:
     wall = max(e for _, e in spans) - min(s for s, _ in spans)
     slot_s = slots * wall
     share = {f"{k}_share": v / slot_s if slot_s > 0 else float("nan") for k, v in parts.items()}
+    trial_s = sum(e - s for s, e in spans)
     return {"trials": len(spans), "slots": slots, "wall_s": wall, "slot_s": slot_s,
             **{f"{k}_s": v for k, v in parts.items()}, **share,
             "other_s": slot_s - sum(parts.values()),
+            # the trials' own time (start → last report, all trials), and its training share:
+            # what a trial costs beyond its training, idle slots apart
+            "trial_s": trial_s, "busy_share": trial_s / slot_s if slot_s > 0 else float("nan"),
+            "train_in_trials": parts["train"] / trial_s if trial_s > 0 else float("nan"),
             # a trial's start → its first result (what ASHA waits for), median over trials
             "first_result_s": float(np.median(firsts)) if firsts else float("nan")}
 
@@ -209,8 +214,10 @@ def sweep_time_markdown(t: dict) -> str:
             f"the slots' {t['slot_s'] / 60:.1f} min, training steps {t['train_share']:.0%}, "
             f"evaluation {t['eval_share']:.0%}, set-up {t['setup_share']:.0%}, the rest "
             f"(process starts, Ray, the search, idle slots) "
-            f"{1 - t['train_share'] - t['eval_share'] - t['setup_share']:.0%}; a trial's "
-            f"start → first result {t['first_result_s']:.0f} s (median)\n")
+            f"{1 - t['train_share'] - t['eval_share'] - t['setup_share']:.0%}. The trials "
+            f"kept the slots busy {t['busy_share']:.0%} of the time; inside them, training "
+            f"steps took {t['train_in_trials']:.0%}; a trial's start → first result "
+            f"{t['first_result_s']:.0f} s (median)\n")
 
 
 # --------------------------------------------------------------------------------------

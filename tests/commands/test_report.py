@@ -414,5 +414,7 @@ def test_sweep_time_from_the_trials_reports(tmp_path):
     assert (t["train_s"], t["eval_s"], t["setup_s"]) == (32.0, 9.0, 3.0)
     assert t["train_share"] == pytest.approx(32 / 60) and t["other_s"] == pytest.approx(16.0)
     assert t["first_result_s"] == 14.0  # median of 10, 15, 14
+    assert t["trial_s"] == 20 + 15 + 14 and t["busy_share"] == pytest.approx(49 / 60)
+    assert t["train_in_trials"] == pytest.approx(32 / 49)
     assert "training steps 53%, evaluation 15%, set-up 5%" in report.sweep_time_markdown(t)
     assert report.sweep_time(c, []) == {}
