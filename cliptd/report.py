@@ -564,6 +564,25 @@ def read_paired(folder: Path) -> tuple[str, list[dict]]:
     return tasks[0], rows
 
 
+def _reference_levels(folder: Path, task: str) -> dict[str, str]:
+    """condition → ``none``'s mean in-domain / shifted primary metric (``37.8 / 35.3``), from
+    the report folder's ``comparison.csv`` when it has one: what each paired difference is a
+    difference from (a cell at chance says nothing about distillation)."""
+    import csv
+
+    path = Path(folder) / FILES["csv"]
+    if not path.is_file():
+        return {}
+    levels: dict[str, dict[int, float]] = {}
+    with path.open(newline="", encoding="utf-8") as f:
+        for r in csv.DictReader(f):
+            kind = _map_column(task, r.get("metric", ""))
+            if kind is not None and not kind[1] and r.get("none_mean"):
+                levels.setdefault(r["condition"], {})[kind[0]] = float(r["none_mean"])
+    return {c: " / ".join(f"{v[g]:.1f}" if g in v else "—" for g in range(len(GROUPS)))
+            for c, v in levels.items()}
+
+
 def _map_column(task: str, metric: str) -> tuple | None:
     """A paired row's metric → its map column kind (group index, words name or ""), or None
     for a row the map leaves out (secondary metrics, question types)."""
@@ -583,9 +602,10 @@ def cell_map(folders: list[Path]) -> dict:
     cell holds the mean paired difference in points and its label (std, seeds ahead / pairs)."""
     import numpy as np
 
-    cells, rows, origin = {}, {}, {}
+    cells, rows, origin, reference = {}, {}, {}, {}
     for folder in folders:
         task, paired = read_paired(folder)
+        levels = _reference_levels(folder, task)
         for r in paired:
             kind = _map_column(task, r["metric"])
             if kind is None:
@@ -596,6 +616,7 @@ def cell_map(folders: list[Path]) -> dict:
             if origin.setdefault(row, folder) != folder:
                 raise ReportError(f"{origin[row]} and {folder} both hold the cell {row!r}")
             rows[row] = (TASKS.index(task), shots_key(shots), preset)
+            reference[row] = levels.get(r["condition"], "")
             for m in (k.removesuffix("_mean") for k in r if k.endswith("_mean")):
                 if isinstance(r[f"{m}_mean"], float):
                     cells[(row, m, kind)] = r
@@ -614,7 +635,8 @@ def cell_map(folders: list[Path]) -> dict:
                 labels[i][j] = f"{r[f'{m}_mean']:+.1f} ± {r[f'{m}_std']:.1f} " \
                                f"({r[f'{m}_ahead']}/{r[f'{m}_n']})"
     names = [f"{m} − none\n{GROUPS[g][0]}" + (f"\n[{w}]" if w else "") for m, (g, w) in columns]
-    return {"rows": ordered, "columns": names, "values": values, "labels": labels}
+    return {"rows": ordered, "columns": names, "values": values, "labels": labels,
+            "reference": [reference[row] for row in ordered]}
 
 
 def write_cell_map(folders: list[Path], out: Path) -> dict:
@@ -625,9 +647,9 @@ def write_cell_map(folders: list[Path], out: Path) -> dict:
     m = cell_map(folders)
     if not m["rows"]:
         raise ReportError(f"no paired rows of a primary metric in {', '.join(map(str, folders))}")
-    head = ["cell", *(c.replace("\n", ", ") for c in m["columns"])]
-    table = [dict(zip(head, [row, *(v or "" for v in labels)], strict=True))
-             for row, labels in zip(m["rows"], m["labels"], strict=True)]
+    head = ["cell", "none, in-domain / shifted", *(c.replace("\n", ", ") for c in m["columns"])]
+    table = [dict(zip(head, [row, ref, *(v or "" for v in labels)], strict=True))
+             for row, ref, labels in zip(m["rows"], m["reference"], m["labels"], strict=True)]
     out.mkdir(parents=True, exist_ok=True)
     md = "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n" + "".join(
         "| " + " | ".join(r[h] for h in head) + " |\n" for r in table)
@@ -635,7 +657,9 @@ def write_cell_map(folders: list[Path], out: Path) -> dict:
              "csv": atomic_write(out / MAP_FILES["csv"], to_csv(table)),
              "png": _draw_map(m["values"], [[t.replace(" ± ", "\n± ").replace(" (", "\n(")
                                             for t in row] for row in m["labels"]],
-                              m["columns"], m["rows"], "Where CLIP-TD helps: each method − none "
+                              m["columns"], [f"{row}\nnone {ref}" if ref else row for row, ref
+                                             in zip(m["rows"], m["reference"], strict=True)],
+                              "Where CLIP-TD helps: each method − none "
                               "paired by seed, points (mean, ± std, seeds ahead / pairs)",
                               out / MAP_FILES["png"])}
     return {**m, "markdown": md, "paths": paths}

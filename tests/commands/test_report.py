@@ -359,8 +359,11 @@ def test_map_across_sweeps(ran, tmp_path, capsys):
     assert m["values"][2].tolist() == pytest.approx([nan, nan, 0.6, -0.3, -1.1], nan_ok=True)
     assert m["labels"][0][2] == "+5.0 ± 0.0 (3/3)" and m["labels"][2][0] == ""
     md = (out / "map.md").read_text()
-    assert "| snli_ve 5% (synthetic), acc |  |  | +0.6 ± 1.2 (3/5) | -0.3 ± 0.9 (2/5) | " \
+    assert "| snli_ve 5% (synthetic), acc |  |  |  | +0.6 ± 1.2 (3/5) | -0.3 ± 0.9 (2/5) | " \
            "-1.1 ± 0.9 (0/5) |" in md and "9.9" not in md
+    # what the differences are differences from: none's level, from comparison.csv
+    assert m["reference"] == [" / ".join(f"{expected(cond, 'none', g)[0]:.1f}"
+                                         for g in ("id", "shift")) for cond in CONDITIONS] + [""]
     assert md in capsys.readouterr().out
     with Image.open(out / "map.png") as im:
         im.verify()
