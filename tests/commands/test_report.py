@@ -388,36 +388,3 @@ def test_map_refuses_what_it_cannot_place(ran, tmp_path, capsys):
     assert "both hold the cell 'snli_ve 5% (synthetic), acc'" in capsys.readouterr().err
     assert not out.exists()
 
-
-def test_sweep_time_from_the_trials_reports(tmp_path):
-    """Where the slots' time went: each trial from its run's start to its last report, the
-    slots the most trials at once, its parts what the trials reported per epoch."""
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-
-    c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
-    exp = c.create_experiment("t", artifact_location=(tmp_path / "a").as_uri())
-    t0 = 1_800_000_000_000  # ms
-    # (start s, [(report s, train s, eval s, setup s or None)])
-    trials = [(0, [(10, 6.0, 2.0, 1.0), (20, 7.0, 2.0, None)]),
-              (0, [(15, 10.0, 3.0, 1.5)]),
-              (16, [(30, 9.0, 2.0, 0.5)])]
-    runs = []
-    for start, reports in trials:
-        rid = c.create_run(exp, start_time=t0 + 1000 * start).info.run_id
-        metrics = []
-        for ep, (at, train, ev, setup) in enumerate(reports):
-            ts = t0 + 1000 * at
-            metrics += [Metric("train/seconds", train, ts, ep), Metric("time/eval_s", ev, ts, ep)]
-            metrics += [Metric("time/setup_s", setup, ts, ep)] if setup is not None else []
-        c.log_batch(rid, metrics=metrics)
-        runs.append({"run_id": rid, "start_ms": t0 + 1000 * start})
-    t = report.sweep_time(c, runs)
-    assert (t["trials"], t["slots"], t["wall_s"], t["slot_s"]) == (3, 2, 30.0, 60.0)
-    assert (t["train_s"], t["eval_s"], t["setup_s"]) == (32.0, 9.0, 3.0)
-    assert t["train_share"] == pytest.approx(32 / 60) and t["other_s"] == pytest.approx(16.0)
-    assert t["first_result_s"] == 14.0  # median of 10, 15, 14
-    assert t["trial_s"] == 20 + 15 + 14 and t["busy_share"] == pytest.approx(49 / 60)
-    assert t["train_in_trials"] == pytest.approx(32 / 49)
-    assert "training steps 53%, evaluation 15%, set-up 5%" in report.sweep_time_markdown(t)
-    assert report.sweep_time(c, []) == {}
