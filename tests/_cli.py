@@ -6,11 +6,13 @@ the whole output in a file and, on timeout, attaches what each live process was 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,6 +53,49 @@ def diagnose(log: Path, lines: int = 120) -> str:
     return "\n".join(parts)
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process under ``pid`` (children, theirs, ...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:  # a zombie (state Z) is dead, only not yet reaped
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def kill_cli(proc: subprocess.Popen) -> None:
+    """SIGKILL a CLI started in a session of its own, and every process it started: its
+    local Ray instance (GCS, raylet, workers) lives in sessions of its own, so killing the
+    group leaves it running. Only that family: ``ray stop --force`` would stop every Ray
+    instance on the machine, a developer's own sweep beside the tests too."""
+    family = _descendants(proc.pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    for pid in family:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_alive(pid) for pid in family):
+        time.sleep(0.2)
+
+
 def run_cli(cmd: list[str], env: dict, cwd: Path, timeout: float, log: Path):
     """Run to completion; on timeout, fail with a diagnosis, then kill the process group."""
     with log.open("w") as f:
@@ -60,10 +105,7 @@ def run_cli(cmd: list[str], env: dict, cwd: Path, timeout: float, log: Path):
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             report = diagnose(log)
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=60)
-            subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"],
-                           capture_output=True, timeout=120)
+            kill_cli(proc)
             pytest.fail(f"{' '.join(cmd[1:])} did not finish in {timeout:.0f} s\n{report}")
     return subprocess.CompletedProcess(cmd, proc.returncode, log.read_text(errors="replace"),
                                        "")

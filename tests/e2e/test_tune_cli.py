@@ -7,14 +7,13 @@ a sweep for the default (light) kind."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from _cli import run_cli
+from _cli import kill_cli, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -120,14 +119,8 @@ def test_driver_sigkill_then_resume(tmp_path, world_cache, kind):
                     t / "result.json").stat().st_size > 0 for t in trials):
                 break
         assert proc.poll() is None, proc.stdout.read()[-3000:]
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    time.sleep(5)  # let the orphaned Ray processes notice their driver is gone
-    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"],
-                   capture_output=True, timeout=120)
+    finally:  # the driver dies hard, and its local Ray instance with it
+        kill_cli(proc)
     cmd, env = _cmd(tmp_path, world_cache, "--methods", "cliptd", "--name", "killed",
                     "--trial-kind", kind, "--resume")
     done = run_cli(cmd, env, tmp_path, 600, tmp_path / "resume.log")
