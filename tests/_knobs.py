@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from cliptd.core.config import DistillConfig
 
-PRE_SWEEP = dict(select_ratio_t=0.5, weight_norm="batch_mean", lam=1.0, schedule="constant",
-                 text_target="pooled", visual_layer="final")
+PRE_SWEEP = dict(select_ratio_v=0.5, select_ratio_t=0.5, weight_norm="batch_mean", lam=1.0,
+                 schedule="constant", text_target="pooled", visual_layer="final")
 
 
 def knobs(**kw) -> DistillConfig:
