@@ -53,7 +53,7 @@ def diagnose(log: Path, lines: int = 120) -> str:
     return "\n".join(parts)
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """Every process under ``pid`` (children, theirs, ...), from /proc."""
     children: dict[int, list[int]] = {}
     for d in Path("/proc").iterdir():
@@ -72,7 +72,7 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:  # a zombie (state Z) is dead, only not yet reaped
         return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
@@ -84,7 +84,7 @@ def kill_cli(proc: subprocess.Popen) -> None:
     local Ray instance (GCS, raylet, workers) lives in sessions of its own, so killing the
     group leaves it running. Only that family: ``ray stop --force`` would stop every Ray
     instance on the machine, a developer's own sweep beside the tests too."""
-    family = _descendants(proc.pid)
+    family = descendants(proc.pid)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     for pid in family:
@@ -92,7 +92,7 @@ def kill_cli(proc: subprocess.Popen) -> None:
             os.kill(pid, signal.SIGKILL)
     proc.wait(timeout=60)
     deadline = time.time() + 30
-    while time.time() < deadline and any(_alive(pid) for pid in family):
+    while time.time() < deadline and any(alive(pid) for pid in family):
         time.sleep(0.2)
 
 

@@ -2,20 +2,26 @@
 ``ray start --address`` node on 127.0.0.3, each with one CPU. A short sweep runs on it with
 2 Ray Train workers per trial, which cannot fit on one node (2 × 0.6 CPU > 1), so every run
 spans both; storage is one folder both nodes see (shared storage), and every trial lands in
-MLflow. The test starts and stops its own cluster and leaves no Ray process behind."""
+MLflow. The test starts and stops its own cluster and leaves none of its processes behind;
+it touches no other Ray instance on the machine (``ray stop`` would stop them all, a
+developer's sweep beside the tests too), so it finds its own by the cluster's temp dir."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from _cli import run_cli
+from _cli import alive, descendants, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -31,16 +37,34 @@ def _ray(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedPro
                           capture_output=True, text=True, timeout=timeout)
 
 
-def _ray_processes() -> list[str]:
-    out = []
+def _cluster_processes(temp_dir: str) -> list[int]:
+    """The cluster's own processes: those naming its temp dir on their command line (GCS,
+    raylets, monitors, dashboard) and everything they started (workers, agents, whose
+    ``ray::`` titles name nothing)."""
+    roots = []
     for d in Path("/proc").iterdir():
         try:
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cmd = (d / "cmdline").read_bytes().decode(errors="replace")
         except OSError:
             continue
-        if any(x in cmd for x in ("raylet", "gcs_server", "ray::", "default_worker.py")):
-            out.append(f"{d.name}: {cmd[:120]}")
-    return out
+        if d.name.isdigit() and temp_dir in cmd:
+            roots.append(int(d.name))
+    return sorted({*roots, *(pid for root in roots for pid in descendants(root))})
+
+
+def _stop_cluster(temp_dir: str) -> list[int]:
+    """SIGTERM the cluster's processes, SIGKILL what is left after 15 s; returns those still
+    alive after that. The family is listed first: a worker whose raylet died is re-parented
+    to init and would no longer be found under it."""
+    family = _cluster_processes(temp_dir)
+    for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 30)):
+        for pid in family:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.time() + grace
+        while time.time() < deadline and any(alive(pid) for pid in family):
+            time.sleep(0.2)
+    return [pid for pid in family if alive(pid)]
 
 
 @pytest.fixture
@@ -53,23 +77,26 @@ def cluster(tmp_path):
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN_PATH": str(token)}
-    if _ray_processes():  # leftovers of an earlier test's local instance
-        _ray("stop", "--force", env=env)
+    # A short temp dir of the cluster's own (Ray's socket paths must stay under 108 bytes):
+    # every process of this cluster, and only those, names it.
+    temp_dir = tempfile.mkdtemp(prefix="ray2n-", dir="/tmp")
     port = _free_port()
     address = f"127.0.0.2:{port}"
     try:
         head = _ray("start", "--head", "--node-ip-address=127.0.0.2", f"--port={port}",
                     "--num-cpus=1", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={_free_port()}", "--disable-usage-stats", env=env)
+                    f"--dashboard-port={_free_port()}", "--disable-usage-stats",
+                    f"--temp-dir={temp_dir}", env=env)
         assert head.returncode == 0, head.stdout + head.stderr
         node = _ray("start", f"--address={address}", "--node-ip-address=127.0.0.3",
-                    "--num-cpus=1", "--disable-usage-stats", env=env)
+                    "--num-cpus=1", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+                    env=env)
         assert node.returncode == 0, node.stdout + node.stderr
         yield {"address": address, "env": env}
     finally:
-        _ray("stop", "--force", env=env)
-    left = _ray_processes()
-    assert not left, f"Ray processes left behind: {left}"
+        left = _stop_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert not left, f"the cluster's processes left behind: {left}"
 
 
 def test_sweep_with_a_train_run_spanning_two_nodes(cluster, tmp_path, world_cache):
