@@ -15,7 +15,10 @@ inference (parameters and forward time per instance as ratios to ``none``, measu
 side at the end of each run), as Markdown and CSV, plus plots (accuracy against the shot
 level, gain over ``none`` on the shifted domain, accuracy against inference cost, and the
 headline: the paired map, each method − ``none`` seed by seed per condition, in-domain and
-shifted, with its sign count). The ``phase=search`` runs give the search's
+shifted, with its sign count) and the seed runs' learning curves (``curves.png`` and
+``curves.csv``: per epoch, the score that ASHA and patience read and the task loss, so a run
+stopped by the epoch cap while still improving shows as one). The ``phase=search`` runs give
+the search's
 view (metric against ``distill.select_ratio_v`` and ``distill.weighting``), and
 ``sweep_time.md`` where the trial slots' time went (training steps, evaluation, set-up,
 the rest). Every file is also logged as an artifact of the sweep's parent run, under
@@ -58,7 +61,7 @@ GROUPS = (("in-domain", "id"), ("shifted", "shift"))
 FILES = {"md": "comparison.md", "csv": "comparison.csv", "paired_md": "paired.md",
          "paired_csv": "paired.csv", "time": "sweep_time.md", "shots": "accuracy_vs_shots.png",
          "gain": "gain_shifted.png", "search": "search.png", "cost": "accuracy_vs_cost.png",
-         "map": "paired_map.png"}
+         "map": "paired_map.png", "curves": "curves.png", "curves_csv": "curves.csv"}
 
 
 class ReportError(Exception):
@@ -246,6 +249,68 @@ def plot_accuracy_vs_shots(records, task: str, path: Path) -> Path:
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
     fig.suptitle(f"{task}: accuracy vs training data (mean ± std over seeds)")
+    return save_fig(fig, path)
+
+
+CURVE_METRICS = (("score", "score"), ("step", "steps"), ("train/loss/task", "task_loss"))
+
+
+def learning_curves(c, records) -> list[dict]:
+    """One row per epoch of every compared seed run, from its MLflow metric histories (step
+    = epoch): ``score`` (what ASHA and patience read: the in-domain primary metric on the
+    ``eval_limit`` sample; the last epoch's is on the whole split), the training steps so
+    far and the epoch's task loss."""
+    rows = []
+    for r in records:
+        epochs: dict[int, dict] = defaultdict(dict)
+        for key, name in CURVE_METRICS:
+            for m in c.get_metric_history(r["run_id"], key):
+                epochs[m.step][name] = m.value
+        rows += [{"condition": r["condition"], "method": r["method"], "seed": r["seed"],
+                  "epoch": epoch, **{name: epochs[epoch].get(name) for _, name in CURVE_METRICS}}
+                 for epoch in sorted(epochs) if "score" in epochs[epoch]]
+    return rows
+
+
+def plot_learning_curves(curves: list[dict], task: str, path: Path) -> Path:
+    """Columns: data conditions; rows: score (%) and task loss against training steps; a
+    thin line per seed run, a bold one for the mean over the seeds at each epoch."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    conditions = sorted({r["condition"] for r in curves}, key=_condition_key) or ["(none)"]
+    methods = _in_method_order({r["method"] for r in curves})
+    colors = _colors(methods)
+    fig, axes = plt.subplots(2, len(conditions), figsize=(5.5 * len(conditions), 6.4),
+                             squeeze=False, layout="constrained")
+    for j, cond in enumerate(conditions):
+        for i, (key, label) in enumerate((("score", "score (%)"), ("task_loss", "task loss"))):
+            ax = axes[i][j]
+            for method in methods:
+                runs = defaultdict(list)
+                for r in curves:
+                    if r["condition"] == cond and r["method"] == method and r[key] is not None:
+                        runs[r["seed"]].append(r)
+                by_epoch = defaultdict(list)
+                for seed_rows in runs.values():
+                    seed_rows.sort(key=lambda r: r["epoch"])
+                    xs = [r["steps"] if r["steps"] is not None else r["epoch"] for r in seed_rows]
+                    ys = [(100 if key == "score" else 1) * r[key] for r in seed_rows]
+                    ax.plot(xs, ys, color=colors[method], alpha=0.35, linewidth=0.8)
+                    for x, y in zip(xs, ys, strict=True):
+                        by_epoch[x].append(y)
+                if by_epoch:
+                    xs = sorted(by_epoch)
+                    ax.plot(xs, [float(np.mean(by_epoch[x])) for x in xs], color=colors[method],
+                            linewidth=2.2, label=f"{method} ({len(runs)} seeds)")
+            ax.set_title(f"{cond}: {label}")
+            ax.set_xlabel("training steps")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+    fig.suptitle(f"{task}: learning curves of the compared seed runs\n(score: in-domain "
+                 f"{PRIMARY_METRIC[task]} on the eval sample; the last epoch on the whole split)")
     return save_fig(fig, path)
 
 
@@ -679,11 +744,15 @@ def build(uri: str, task: str, experiment: str | None, sweep: str | None, out: P
              "search": plot_search(got["search"], task, out / FILES["search"]),
              "cost": plot_accuracy_vs_cost(got["seeds"], task, out / FILES["cost"]),
              "map": plot_paired_map(paired, task, out / FILES["map"])}
+    curves = learning_curves(got["client"], got["seeds"])
+    paths["curves_csv"] = atomic_write(out / FILES["curves_csv"], to_csv(curves))
+    paths["curves"] = plot_learning_curves(curves, task, out / FILES["curves"])
     parent_id = got["parent"].info.run_id
     if log_artifacts:
         for p in paths.values():
             got["client"].log_artifact(parent_id, str(p), artifact_path="report")
     return {**got, "rows": rows, "markdown": md, "paired": paired, "time": timing,
+            "curves": curves,
             "paired_markdown": to_markdown(paired), "paths": paths, "parent_id": parent_id}
 
 

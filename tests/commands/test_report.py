@@ -159,13 +159,29 @@ def test_pngs_valid(ran):
     from PIL import Image
 
     for name in ("accuracy_vs_shots.png", "gain_shifted.png", "search.png",
-                 "accuracy_vs_cost.png", "paired_map.png"):
+                 "accuracy_vs_cost.png", "paired_map.png", "curves.png"):
         p = ran["out"] / name
         data = p.read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 5000, name
         with Image.open(p) as im:
             im.verify()
     assert not [p for p in ran["out"].iterdir() if ".tmp" in p.name]  # atomic writes
+
+
+def test_learning_curves_hold_every_epoch_of_the_compared_runs(ran):
+    with (ran["out"] / "curves.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    # 2 conditions × 3 methods × 3 seeds, 3 epochs each; the FAILED seed and the search's
+    # other trials are not compared runs
+    assert len(rows) == 2 * 3 * 3 * 3
+    runs = {}
+    for r in rows:
+        runs.setdefault((r["condition"], r["method"], r["seed"]), []).append(r)
+    assert len(runs) == 18
+    for (cond, method, seed), epochs in runs.items():
+        assert [int(r["epoch"]) for r in epochs] == [0, 1, 2]
+        assert [float(r["score"]) for r in epochs[:2]] == [0.0, 0.0]
+        assert float(epochs[-1]["score"]) == pytest.approx(final(cond, method, int(seed)))
 
 
 def test_paired_map_holds_the_paired_differences():
