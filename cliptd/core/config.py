@@ -43,16 +43,16 @@ class DistillConfig:
     method: str = "cliptd"
     select_by: str = "relevance"
     select_ratio_v: float = 0.65  # ρ for region tokens
-    select_ratio_t: float = 0.71  # ρ for text tokens
+    select_ratio_t: float = 0.94  # ρ for text tokens
     weighting: str = "confidence"
     # Confidence weights average well below 1 with a mediocre teacher, which silently
     # shrinks λ; "batch_mean" rescales them to mean 1 so λ keeps its meaning.
     weight_norm: str = "batch_mean"
-    lam: float = 0.63
+    lam: float = 0.56
     schedule: str = "cosine"
     warmup_frac: float = 0.1  # for schedule=warmup: share of steps ramping λ up
     distance: str = "cosine"
-    text_target: str = "pooled"
+    text_target: str = "tokens"
     modalities: str = "both"
     visual_layer: str = "features"
     region_weighting: str = "uniform"
