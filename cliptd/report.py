@@ -752,7 +752,6 @@ def build(uri: str, task: str, experiment: str | None, sweep: str | None, out: P
         for p in paths.values():
             got["client"].log_artifact(parent_id, str(p), artifact_path="report")
     return {**got, "rows": rows, "markdown": md, "paired": paired, "time": timing,
-            "curves": curves,
             "paired_markdown": to_markdown(paired), "paths": paths, "parent_id": parent_id}
 
 
