@@ -17,6 +17,8 @@ node).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -140,7 +142,30 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
             raise ConnectionError(f"MLflow tracking server {uri} is unreachable "
                                   f"({getattr(exc, 'reason', exc)})") from None
     else:
-        client(uri).search_experiments(max_results=1)
+        with sqlite_store_lock(uri):
+            client(uri).search_experiments(max_results=1)
+
+
+@contextlib.contextmanager
+def sqlite_store_lock(uri: str):
+    """Hold an exclusive lock on a SQLite store's folder while a process first touches it.
+
+    The first touch of a fresh store runs MLflow's schema migrations, and two processes doing
+    so at once (two sweeps started together on one ``mlflow.db``) collide half-way ("table
+    _alembic_tmp_latest_metrics already exists"). Serialised, the second finds the schema at
+    head. The lock is on the folder itself (``flock`` on its descriptor), so nothing is left
+    beside the store. Other URIs (a server, an in-memory store) pass straight through."""
+    path = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
+    folder = Path(path).parent if path and path != ":memory:" else None
+    if folder is None or not folder.is_dir():
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 # MLflow 3's UI shows an experiment as model training (the runs table), not as a GenAI app

@@ -149,6 +149,42 @@ def test_check_reachable_local_store(store):
     tracking.check_reachable(store[0])  # no exception
 
 
+FIRST_TOUCH = """
+import sys, time
+from pathlib import Path
+from cliptd.tracking import runs as tracking
+from mlflow.tracking import MlflowClient  # imported before the start line, not after it
+uri, ready, go = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+ready.touch()
+while not go.exists():
+    time.sleep(0.005)
+tracking.check_reachable(uri)
+"""
+
+
+def test_two_processes_creating_one_sqlite_store_at_once_both_succeed(tmp_path):
+    """Two commands started together on a fresh mlflow.db both run MLflow's migrations;
+    unserialised, one fails half-way ("table _alembic_tmp_latest_metrics already exists")."""
+    import subprocess
+    import sys
+
+    for attempt in range(2):
+        db, go = tmp_path / f"mlflow-{attempt}.db", tmp_path / f"go-{attempt}"
+        ready = [tmp_path / f"ready-{attempt}-{i}" for i in range(2)]
+        procs = [subprocess.Popen([sys.executable, "-c", FIRST_TOUCH, f"sqlite:///{db}",
+                                   str(r), str(go)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for r in ready]
+        deadline = time.time() + 120
+        while not all(r.exists() for r in ready) and time.time() < deadline:
+            time.sleep(0.01)
+        go.touch()
+        for p in procs:
+            out, _ = p.communicate(timeout=120)
+            assert p.returncode == 0, out[-2000:]
+        assert tracking.client(f"sqlite:///{db}").search_experiments(max_results=1)
+        assert list(tmp_path.glob("*.lock")) == []  # nothing left beside the store
+
+
 def test_find_or_create_trial_run_is_idempotent(store):
     uri, exp = store
     parent = tracking.find_or_create_parent(uri, exp, "sweep-1", "sweep", {"task": "vcr"})
