@@ -263,6 +263,7 @@ def main(argv=None) -> int:
         cbase = {**base, **space.fixed, "shots": shots, "preset": preset,
                  "epochs": budget.epochs, "min_steps": budget.min_steps,
                  "eval_limit": budget.eval_limit, "patience": budget.patience,
+                 "patience_after": budget.patience_after,
                  # one intra-op thread per CPU the worker holds: no oversubscription
                  "threads": max(1, int(resources["cpus_per_worker"]))}
         for method in methods:

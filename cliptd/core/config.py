@@ -117,6 +117,9 @@ DEFAULT_CONFIG = {
     # stop after this many epochs without a better (sampled) validation score (0: never);
     # `epochs` is then the most a run trains
     "patience": 0,
+    # the first epochs patience does not count (e.g. ASHA's grace period): a run still on its
+    # chance plateau then is not stopped for it; the best score is still tracked from epoch 1
+    "patience_after": 0,
     "max_length": 64,
     "vqa_vocab": 100,
     "eval_batch_size": 128,
@@ -156,8 +159,9 @@ def resolve_config(overrides: dict) -> dict:
             and all(isinstance(w, str) for w in v) for k, v in words.items())):
         raise ValueError("eval_words must map names (no '/') to non-empty lists of words, "
                          f"got {words!r}")
-    if not (isinstance(cfg["patience"], int) and cfg["patience"] >= 0):
-        raise ValueError(f"patience must be an integer >= 0, got {cfg['patience']!r}")
+    for key in ("patience", "patience_after"):
+        if not (isinstance(cfg[key], int) and not isinstance(cfg[key], bool) and cfg[key] >= 0):
+            raise ValueError(f"{key} must be an integer >= 0, got {cfg[key]!r}")
     for key in ("lr", "batch_size", "epochs", "grad_accum"):
         if not (isinstance(cfg[key], (int, float)) and cfg[key] > 0):
             raise ValueError(f"{key} must be > 0, got {cfg[key]!r}")

@@ -28,7 +28,8 @@ DISTRIBUTIONS = ("uniform", "loguniform", "choice", "randint")
 # waste trials.
 NAIVE_KNOBS = {"distill.lam", "distill.distance", "distill.text_target", "distill.modalities"}
 BUDGET_KEYS = {"num_samples", "epochs", "seeds", "grace_period", "reduction_factor",
-               "min_steps", "max_concurrent", "eval_limit", "patience", "methods"}
+               "min_steps", "max_concurrent", "eval_limit", "patience", "patience_after",
+               "methods"}
 TOP_KEYS = {"task", "metric", "conditions", "methods", "fixed", "search", "budgets"}
 
 
@@ -49,6 +50,8 @@ class Budget:
     # stop a run after this many epochs without a better (sampled) score (0: never); ASHA
     # still compares trials at its rungs, and a seed re-run stops as its search's trials did
     patience: int = 0
+    # epochs patience does not count (set it to grace_period: ASHA alone judges the first ones)
+    patience_after: int = 0
     # the methods this budget compares (a subset of the space's; None: all of them)
     methods: list[str] | None = None
 
@@ -217,9 +220,10 @@ def load_space(task_or_path: str | Path) -> Space:
         if budgets[bname].num_samples < 1 or budgets[bname].epochs < 1 or \
                 budgets[bname].seeds < 1:
             _fail(path, f"budgets.{bname}", "num_samples, epochs and seeds must be >= 1")
-        if not isinstance(budgets[bname].patience, int) or budgets[bname].patience < 0:
-            _fail(path, f"budgets.{bname}.patience",
-                  f"an integer >= 0, got {budgets[bname].patience!r}")
+        for key in ("patience", "patience_after"):
+            value = getattr(budgets[bname], key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                _fail(path, f"budgets.{bname}.{key}", f"an integer >= 0, got {value!r}")
         chosen = budgets[bname].methods
         if chosen is not None and (not isinstance(chosen, list) or not chosen or
                                    set(chosen) - set(methods)):

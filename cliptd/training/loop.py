@@ -103,7 +103,8 @@ def train_loop(config: dict, rt) -> None:
     sched = lr_scheduler(opt, warmup_linear(warm, total_steps))
     start_epoch, step = 0, 0
     # patience: stop once the (sampled) validation score has not improved for that many
-    # epochs; the run then ends as if that epoch were its last (whole-split evaluation)
+    # epochs (those after `patience_after`); the run then ends as if that epoch were its last
+    # (whole-split evaluation)
     early = {"best": float("-inf"), "since": 0, "stopped": False}
     state = rt.resume(CHECKPOINT_FORMAT)
     if state is not None:  # resume exactly: weights, optimizer, schedule, every RNG
@@ -166,7 +167,7 @@ def train_loop(config: dict, rt) -> None:
             score = metrics.get(primary, float("-inf"))
             if rt.rank == 0 and score > early["best"]:
                 early["best"], early["since"] = score, 0
-            elif rt.rank == 0:
+            elif rt.rank == 0 and epoch + 1 > cfg["patience_after"]:
                 early["since"] += 1
             # rank 0 alone evaluated: every rank follows its decision
             final = early["stopped"] = rt.agree(early["since"] >= cfg["patience"])

@@ -321,3 +321,18 @@ def test_budget_patience_is_checked_and_reaches_the_runs(tmp_path):
     with pytest.raises(SpaceError, match=r"budgets\.small\.patience"):
         load_space(bad)
     assert load_space("vcr").budgets["full"].patience == 2  # issue 19's protocol
+
+
+def test_budget_patience_after_is_read_and_checked(tmp_path):
+    """patience_after (the first epochs patience does not count) is read and validated
+    like patience."""
+    path = write(tmp_path, edit(GOOD, "small: {num_samples: 2, epochs: 2, seeds: 1}",
+                                "small: {num_samples: 2, epochs: 2, seeds: 1, patience: 2, "
+                                "patience_after: 3}"))
+    assert load_space(path).budgets["small"].patience_after == 3
+    assert load_space(write(tmp_path, GOOD, "plain.yaml")).budgets["small"].patience_after == 0
+    bad = write(tmp_path, edit(GOOD, "small: {num_samples: 2, epochs: 2, seeds: 1}",
+                               "small: {num_samples: 2, epochs: 2, seeds: 1, "
+                               "patience_after: -2}"), "bad.yaml")
+    with pytest.raises(SpaceError, match=r"budgets\.small\.patience_after"):
+        load_space(bad)

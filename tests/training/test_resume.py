@@ -113,3 +113,19 @@ def test_patience_stops_a_run_that_stopped_improving(tiny_world, vcr_cache, tmp_
     assert again.history == [last] and not (tmp_path / "re").exists()
     with pytest.raises(ValueError, match="patience"):
         resolve_config({"patience": -1})
+
+
+def test_patience_does_not_count_the_first_patience_after_epochs(tiny_world, vcr_cache,
+                                                                 tmp_path):
+    """A run flat from epoch 1 (lr 0) with patience 1 and patience_after 3: epochs 2 and 3 do
+    not count, so it stops after epoch 4 instead of 2 (a run on its chance plateau during
+    ASHA's grace period is ASHA's to judge)."""
+    cfg = _cfg(tiny_world, vcr_cache, epochs=6, patience=1, patience_after=3, lr=1e-12,
+               eval_limit=8, distill={"method": "none"})
+    rt = LocalRuntime(keep_dir=tmp_path / "ck")
+    train_loop(cfg, rt)
+    assert [m["epoch"] for m in rt.history] == [1, 2, 3, 4]
+    assert [m["train/stopped_early"] for m in rt.history] == [0.0, 0.0, 0.0, 1.0]
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="patience_after"):
+            resolve_config({"patience_after": bad})
