@@ -18,11 +18,13 @@ node).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
 import os
 import re
+import socket
 import time
 from pathlib import Path
 
@@ -87,9 +89,23 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, MlflowException):
         return exc.error_code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE",
                                   "REQUEST_LIMIT_EXCEEDED")
-    # requests' and urllib3's errors are OSErrors; SQLite's "database is locked" is an
-    # sqlalchemy OperationalError
-    return isinstance(exc, OSError) or type(exc).__name__ == "OperationalError"
+    # The network's OSErrors only: requests' errors, refused / reset / timed-out
+    # connections, no route, no name. A local one (a file or a broken install, e.g. "too
+    # many levels of symbolic links" under site-packages) will not go away by waiting.
+    try:
+        from requests import RequestException
+    except ImportError:  # pragma: no cover - mlflow depends on requests
+        RequestException = ConnectionError
+    if isinstance(exc, (RequestException, ConnectionError, TimeoutError, socket.gaierror)):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno in NETWORK_ERRNOS
+    # SQLite's "database is locked" is an sqlalchemy OperationalError
+    return type(exc).__name__ == "OperationalError"
+
+
+NETWORK_ERRNOS = {errno.ENETDOWN, errno.ENETUNREACH, errno.EHOSTDOWN, errno.EHOSTUNREACH,
+                  errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT}
 
 
 def patience_s() -> float:

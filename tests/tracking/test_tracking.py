@@ -271,6 +271,25 @@ def test_patiently_against_a_dead_server_is_transient(fast_fail):
     assert tracking.is_transient(info.value)
 
 
+def test_only_network_errors_are_transient():
+    """A refused or timed-out connection is worth waiting for; a local file or install error
+    (the venv replaced under a running sweep: ELOOP under site-packages) is not, and used to
+    be retried for the whole 30-minute patience."""
+    import errno
+    import socket
+
+    import requests
+
+    for exc in (ConnectionRefusedError(errno.ECONNREFUSED, "refused"), TimeoutError(),
+                socket.gaierror(-2, "Name or service not known"),
+                OSError(errno.EHOSTUNREACH, "No route to host"),
+                requests.ConnectionError("down")):
+        assert tracking.is_transient(exc), exc
+    for exc in (OSError(errno.ELOOP, "Too many levels of symbolic links"),
+                FileNotFoundError(errno.ENOENT, "missing"), PermissionError(), ValueError()):
+        assert not tracking.is_transient(exc), exc
+
+
 def test_replay_buffer_sends_what_a_killed_process_left(store, run_id, tmp_path, fast_fail):
     """A trial's process killed while the server was away leaves its buffer: the sweep
     replays it, each record once, even one the process had already sent."""
