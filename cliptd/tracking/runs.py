@@ -92,10 +92,8 @@ def is_transient(exc: BaseException) -> bool:
     # The network's OSErrors only: requests' errors, refused / reset / timed-out
     # connections, no route, no name. A local one (a file or a broken install, e.g. "too
     # many levels of symbolic links" under site-packages) will not go away by waiting.
-    try:
-        from requests import RequestException
-    except ImportError:  # pragma: no cover - mlflow depends on requests
-        RequestException = ConnectionError
+    from requests import RequestException  # MLflow's HTTP client
+
     if isinstance(exc, (RequestException, ConnectionError, TimeoutError, socket.gaierror)):
         return True
     if isinstance(exc, OSError):
