@@ -138,6 +138,11 @@ DEFAULT_CONFIG = {
 }
 
 
+def is_count(value) -> bool:
+    """An integer >= 0 (a bool is not one, though Python says it is an int)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def resolve_config(overrides: dict) -> dict:
     """Defaults + overrides, validated; the result is what gets recorded everywhere."""
     unknown = set(overrides) - set(DEFAULT_CONFIG)
@@ -160,7 +165,7 @@ def resolve_config(overrides: dict) -> dict:
         raise ValueError("eval_words must map names (no '/') to non-empty lists of words, "
                          f"got {words!r}")
     for key in ("patience", "patience_after"):
-        if not (isinstance(cfg[key], int) and not isinstance(cfg[key], bool) and cfg[key] >= 0):
+        if not is_count(cfg[key]):
             raise ValueError(f"{key} must be an integer >= 0, got {cfg[key]!r}")
     for key in ("lr", "batch_size", "epochs", "grad_accum"):
         if not (isinstance(cfg[key], (int, float)) and cfg[key] > 0):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from cliptd.core.config import CHOICES, DEFAULT_CONFIG, DistillConfig, parse_shots
+from cliptd.core.config import CHOICES, DEFAULT_CONFIG, DistillConfig, is_count, parse_shots
 
 # The shipped spaces live in the package (cliptd/sweep/spaces/), read through
 # importlib.resources: the same under an installed wheel as in a checkout.
@@ -222,7 +222,7 @@ def load_space(task_or_path: str | Path) -> Space:
             _fail(path, f"budgets.{bname}", "num_samples, epochs and seeds must be >= 1")
         for key in ("patience", "patience_after"):
             value = getattr(budgets[bname], key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            if not is_count(value):
                 _fail(path, f"budgets.{bname}.{key}", f"an integer >= 0, got {value!r}")
         chosen = budgets[bname].methods
         if chosen is not None and (not isinstance(chosen, list) or not chosen or
