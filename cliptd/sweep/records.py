@@ -103,3 +103,43 @@ def mark_compared(meta: dict, record: dict) -> None:
             c.set_tag(run.info.run_id, "cliptd.compare", "true")
 
     tracking.patiently(tag, f"tagging trial {record['trial_id']} as compared")
+
+
+def best_tag(meta: dict) -> str:
+    """The sweep's parent-run tag that keeps which trial a search chose as its best."""
+    return f"cliptd.best_trial.{meta['condition']}.{meta['method']}"
+
+
+def kept_best(meta: dict) -> str | None:
+    """The trial a search of this sweep already chose as its best (a sweep resumed or given
+    another method restores its finished searches): the parent run's ``best_tag``, else,
+    for a sweep that predates that tag, the search trial it tagged compared. None when the
+    search never chose, or the sweep has no tracking."""
+    from cliptd.tracking import runs as tracking
+
+    if not (meta.get("tracking_uri") and meta.get("parent_run_id")):
+        return None
+
+    def read() -> str | None:
+        c = tracking.client(meta["tracking_uri"])
+        chosen = c.get_run(meta["parent_run_id"]).data.tags.get(best_tag(meta))
+        if chosen:
+            return chosen
+        compared = c.search_runs([meta["experiment_id"]], filter_string=(
+            f"tags.sweep = '{meta['sweep_id']}' AND tags.phase = 'search' AND "
+            f"tags.condition = '{meta['condition']}' AND tags.method = '{meta['method']}' "
+            "AND tags.`cliptd.compare` = 'true'"))
+        ids = sorted(r.data.tags["cliptd.trial_id"] for r in compared)
+        return ids[0] if ids else None
+
+    return tracking.patiently(read, "reading which trial the search chose")
+
+
+def keep_best(meta: dict, trial_id: str) -> None:
+    """Record the search's choice on the sweep's parent run (``kept_best`` reads it)."""
+    from cliptd.tracking import runs as tracking
+
+    if not (meta.get("tracking_uri") and meta.get("parent_run_id")):
+        return
+    tracking.patiently(lambda: tracking.client(meta["tracking_uri"]).set_tag(
+        meta["parent_run_id"], best_tag(meta), trial_id), "recording the search's best")

@@ -7,7 +7,7 @@ import math
 from cliptd.core.config import resolve_config
 from cliptd.core.errors import SweepError
 from cliptd.sweep.driver import reuse_actors, train_driver_fn, trial_resources, tune_run_options
-from cliptd.sweep.records import close_runs, mark_compared
+from cliptd.sweep.records import close_runs, keep_best, kept_best, mark_compared
 from cliptd.sweep.space import to_tune
 
 
@@ -66,6 +66,19 @@ def final_checkpoint(result):
     return Checkpoint(last, filesystem=result.filesystem)
 
 
+def pick_best(ok: list, epochs: int, kept: str | None, sweep_id: str):
+    """The search's best trial: one that ran every epoch before one stopped early, then
+    the higher score, ties to the lower trial id, so that the choice does not depend on the
+    order a restored Tuner lists its trials in. ``kept``, the trial this search already
+    chose (its seeds may be running with its config), stands when it is among ``ok``."""
+    for r in ok:
+        if f"{sweep_id}/{r.metrics['trial_id']}" == kept:
+            return r
+    ordered = sorted(ok, key=lambda r: r.metrics["trial_id"])
+    return max(ordered, key=lambda r: (r.metrics.get("epoch", 0) >= epochs,
+                                       r.metrics["score"]))
+
+
 def search(job: dict, concurrency: int) -> dict:
     """Optuna (TPE, seeded, study in SQLite) + ASHA on `epoch` for one (condition, method).
 
@@ -107,8 +120,8 @@ def search(job: dict, concurrency: int) -> dict:
     if not ok:
         raise SweepError(f"every trial of {condition}/{method} failed: see "
                          f"{args.storage_path}/{meta['sweep_id']}-search-{condition}-{method}")
-    best = max(ok, key=lambda r: (r.metrics.get("epoch", 0) >= budget.epochs,
-                                  r.metrics["score"]))
+    best = pick_best(ok, budget.epochs, kept_best(meta), meta["sweep_id"])
+    keep_best(meta, f"{meta['sweep_id']}/{best.metrics['trial_id']}")
     records = close_runs(grid, meta, "search")
     # The search ran with the base seed (= its subset seed): its best trial, if it ran every
     # epoch, is that seed's run of the best config, so it is not run twice.

@@ -2,7 +2,7 @@
 in MLflow (one run per trial, with the metric and the searched params), and a sweep whose
 driver is SIGKILLed mid-sweep, then completed by ``--resume``, for both kinds of trial
 (light: the loop in the Tune trial; train: a one-worker TorchTrainer); the full record of
-a sweep for the default (light) kind."""
+a sweep for the default (light) kind, a method added to it by ``--resume``."""
 
 from __future__ import annotations
 
@@ -46,11 +46,23 @@ def test_tune_cli_records_every_trial(tmp_path, world_cache, kind="light"):
     # sweep of test_driver_sigkill_then_resume (the suite's time: a train trial costs its
     # TorchTrainer's processes)
     methods = ["cliptd", "none"]
-    cmd, env = _cmd(tmp_path, world_cache, "--methods", ",".join(methods), "--name", "e2e",
+    # the sweep is run for cliptd alone, then given a second method by ``--resume``: the
+    # finished cliptd search and seeds restore as they are, only the new method runs
+    cmd, env = _cmd(tmp_path, world_cache, "--methods", "cliptd", "--name", "e2e",
                     "--trial-kind", kind)
-    proc = run_cli(cmd, env, tmp_path, 720, tmp_path / "tune.log")
+    first = run_cli(cmd, env, tmp_path, 720, tmp_path / "tune.log")
+    assert first.returncode == 0, first.stdout[-4000:]
+    cmd, env = _cmd(tmp_path, world_cache, "--methods", ",".join(methods), "--name", "e2e",
+                    "--trial-kind", kind, "--resume")
+    proc = run_cli(cmd, env, tmp_path, 720, tmp_path / "added.log")
     assert proc.returncode == 0, proc.stdout[-4000:]
     out = proc.stdout
+    assert "resuming" in out and "e2e-search-synthetic-shots0.05-cliptd" in out
+    import optuna
+
+    study = optuna.load_study(study_name="e2e-synthetic-shots0.05-cliptd",
+                              storage=f"sqlite:///{tmp_path / 'out' / 'optuna.db'}")
+    assert len(study.trials) == 2, "the finished search was run again"
     assert "== Comparison" in out and "mlflow ui --backend-store-uri" in out
     assert "--host 127.0.0.1" in out
     client, parents, trials = _trial_runs(tmp_path)
