@@ -66,8 +66,16 @@ def final_checkpoint(result):
     return Checkpoint(last, filesystem=result.filesystem)
 
 
+def finished(metrics: dict, epochs: int) -> bool:
+    """Whether a trial's run ended on its own: it ran every epoch, or patience ended it
+    (``train/stopped_early``). Either way its last score is on the whole eval split and is
+    what a re-run with its seed would give. A trial ASHA stopped at a rung did not end: its
+    last score is on the eval sample, mid-training."""
+    return metrics.get("epoch", 0) >= epochs or metrics.get("train/stopped_early") == 1
+
+
 def pick_best(ok: list, epochs: int, kept: str | None, sweep_id: str):
-    """The search's best trial: one that ran every epoch before one stopped early, then
+    """The search's best trial: a finished one (``finished``) before one ASHA stopped, then
     the higher score, ties to the lower trial id, so that the choice does not depend on the
     order a restored Tuner lists its trials in. ``kept``, the trial this search already
     chose (its seeds may be running with its config), stands when it is among ``ok``."""
@@ -75,8 +83,7 @@ def pick_best(ok: list, epochs: int, kept: str | None, sweep_id: str):
         if f"{sweep_id}/{r.metrics['trial_id']}" == kept:
             return r
     ordered = sorted(ok, key=lambda r: r.metrics["trial_id"])
-    return max(ordered, key=lambda r: (r.metrics.get("epoch", 0) >= epochs,
-                                       r.metrics["score"]))
+    return max(ordered, key=lambda r: (finished(r.metrics, epochs), r.metrics["score"]))
 
 
 def search(job: dict, concurrency: int) -> dict:
@@ -84,8 +91,9 @@ def search(job: dict, concurrency: int) -> dict:
 
     Returns the best sample, the trials' records, the best trial (its id and last
     checkpoint: the sweep's student for this search), and the best trial's record when it
-    ran every epoch: its last epoch evaluated on the whole eval split with seed 0, exactly
-    what a seed-0 re-run would give, so it stands as seed 0 of the comparison."""
+    finished (every epoch, or ended by patience): its last epoch evaluated on the whole eval
+    split with seed 0, exactly what a seed-0 re-run would give, so it stands as seed 0 of
+    the comparison."""
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -123,11 +131,11 @@ def search(job: dict, concurrency: int) -> dict:
     best = pick_best(ok, budget.epochs, kept_best(meta), meta["sweep_id"])
     keep_best(meta, f"{meta['sweep_id']}/{best.metrics['trial_id']}")
     records = close_runs(grid, meta, "search")
-    # The search ran with the base seed (= its subset seed): its best trial, if it ran every
-    # epoch, is that seed's run of the best config, so it is not run twice.
+    # The search ran with the base seed (= its subset seed): its best trial, if it finished,
+    # is that seed's run of the best config, so it is not run twice.
     base = resolve_config(job["base"])
     reused = None
-    if best.metrics.get("epoch", 0) >= budget.epochs and base["seed"] == base["subset_seed"]:
+    if finished(best.metrics, budget.epochs) and base["seed"] == base["subset_seed"]:
         reused = next(r for r in records if r["metrics"].get("trial_id") ==
                       best.metrics.get("trial_id"))
         reused["seed"] = base["seed"]

@@ -7,18 +7,34 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from cliptd.sweep.records import keep_best, kept_best, mark_compared
-from cliptd.sweep.search import pick_best
+from cliptd.sweep.search import finished, pick_best
 
 
-def _trial(tid, score, epoch=9):
-    return SimpleNamespace(metrics={"trial_id": tid, "score": score, "epoch": epoch})
+def _trial(tid, score, epoch=9, patience_stopped=None):
+    metrics = {"trial_id": tid, "score": score, "epoch": epoch}
+    if patience_stopped is not None:  # reported by every run of a budget with patience
+        metrics["train/stopped_early"] = float(patience_stopped)
+    return SimpleNamespace(metrics=metrics)
 
 
-def test_a_trial_that_ran_every_epoch_wins_then_the_score():
+def test_a_finished_trial_wins_then_the_score():
+    # ASHA stopped "a" at a rung (its score is the sample's, mid-training)
     trials = [_trial("a", 0.9, epoch=3), _trial("b", 0.7), _trial("c", 0.8)]
     assert pick_best(trials, 9, None, "s").metrics["trial_id"] == "c"
     early = [_trial("a", 0.9, epoch=3), _trial("b", 0.7, epoch=5)]
     assert pick_best(early, 9, None, "s").metrics["trial_id"] == "a"
+
+
+def test_a_trial_patience_ended_is_finished_like_one_that_ran_every_epoch():
+    # the VQA 5 % searches: a run patience ended at epoch 8 (41.5, scored on the whole
+    # split) lost to the only one that ran all 9 epochs (37.6) before this rule
+    trials = [_trial("full", 0.376, patience_stopped=0),
+              _trial("patience", 0.415, epoch=8, patience_stopped=1),
+              _trial("asha", 0.50, epoch=3, patience_stopped=0)]
+    assert pick_best(trials, 9, None, "s").metrics["trial_id"] == "patience"
+    assert finished(trials[1].metrics, 9) and finished(trials[0].metrics, 9)
+    assert not finished(trials[2].metrics, 9)
+    assert not finished(_trial("no-patience", 0.5, epoch=3).metrics, 9)
 
 
 def test_ties_go_to_the_lower_trial_id_whatever_the_order():
