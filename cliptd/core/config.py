@@ -43,13 +43,13 @@ class DistillConfig:
     method: str = "cliptd"
     select_by: str = "relevance"
     select_ratio_v: float = 0.65  # ρ for region tokens
-    select_ratio_t: float = 0.76  # ρ for text tokens
+    select_ratio_t: float = 0.71  # ρ for text tokens
     weighting: str = "confidence"
     # Confidence weights average well below 1 with a mediocre teacher, which silently
     # shrinks λ; "batch_mean" rescales them to mean 1 so λ keeps its meaning. The sweeps
     # split 4 / 4 on it, and a tie goes to the simpler setting (cliptd.sweep.defaults).
     weight_norm: str = "none"
-    lam: float = 0.48
+    lam: float = 0.23
     schedule: str = "cosine"
     warmup_frac: float = 0.1  # for schedule=warmup: share of steps ramping λ up
     distance: str = "cosine"
