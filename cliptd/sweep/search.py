@@ -98,7 +98,8 @@ def search(job: dict, concurrency: int) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
+
+    from cliptd.sweep.study import RestorableOptunaSearch
 
     space, budget, meta, args = job["space"], job["budget"], job["meta"], job["args"]
     condition, method = job["condition"], job["method"]
@@ -107,7 +108,7 @@ def search(job: dict, concurrency: int) -> dict:
     params = to_tune(knobs)
     searcher = None
     if params:
-        searcher = ConcurrencyLimiter(OptunaSearch(
+        searcher = ConcurrencyLimiter(RestorableOptunaSearch(
             metric="score", mode="max", seed=args.searcher_seed, study_name=study,
             storage=optuna.storages.RDBStorage(job["study_url"]),
             sampler=optuna.samplers.TPESampler(seed=args.searcher_seed)),
