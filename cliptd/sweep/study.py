@@ -19,12 +19,8 @@ the second is marked FAIL, as Optuna marks a trial whose worker vanished.
 
 from __future__ import annotations
 
-import logging
-
 import optuna
 from ray.tune.search.optuna import OptunaSearch
-
-log = logging.getLogger(__name__)
 
 
 class RestorableOptunaSearch(OptunaSearch):
@@ -42,13 +38,15 @@ class RestorableOptunaSearch(OptunaSearch):
             frozen = stored.get(ot_trial.number)
             if (frozen is not None and frozen.state.is_finished()
                     and tune_id not in self._completed_trials):
-                log.info("trial %s: the study closed it (%s) before the driver stopped; its "
-                         "repeated results are not reported again", tune_id, frozen.state.name)
+                print(f"[cliptd] trial {tune_id}: the Optuna study closed it "
+                      f"({frozen.state.name}) before the driver stopped; its repeated results "
+                      "are not reported to it again")
                 self._completed_trials.add(tune_id)
         storage = self._ot_study._storage
         for number, frozen in stored.items():
             if number not in known and frozen.state == optuna.trial.TrialState.RUNNING:
-                log.info("study trial %d was asked for but never started by Tune: FAIL", number)
+                print(f"[cliptd] Optuna trial {number} was asked for but never started by "
+                      "Tune: marked FAIL")
                 storage.set_trial_state_values(frozen._trial_id,
                                                state=optuna.trial.TrialState.FAIL)
 

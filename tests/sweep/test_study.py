@@ -7,19 +7,17 @@ from __future__ import annotations
 
 import optuna
 import pytest
-from ray import tune
 
 from cliptd.sweep.study import RestorableOptunaSearch
 
 State = optuna.trial.TrialState
+SPACE = {"lam": optuna.distributions.FloatDistribution(0.0, 1.0)}
 
 
 def _searcher(url):
-    s = RestorableOptunaSearch(space={"lam": tune.uniform(0.0, 1.0)}, metric="score",
-                               mode="max", study_name="s", seed=0,
-                               storage=optuna.storages.RDBStorage(url),
-                               sampler=optuna.samplers.TPESampler(seed=0))
-    return s
+    return RestorableOptunaSearch(space=SPACE, metric="score", mode="max", study_name="s",
+                                  storage=optuna.storages.RDBStorage(url),
+                                  sampler=optuna.samplers.TPESampler(seed=0))
 
 
 def _result(score, it):
@@ -30,7 +28,8 @@ def _states(url):
     return [t.state for t in optuna.load_study(study_name="s", storage=url).trials]
 
 
-def test_a_trial_the_study_closed_before_the_kill_reports_again_after_restore(tmp_path):
+def test_a_trial_the_study_closed_before_the_kill_reports_again_after_restore(tmp_path,
+                                                                             capsys):
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     live = _searcher(url)
     live.suggest("a")
@@ -41,6 +40,7 @@ def test_a_trial_the_study_closed_before_the_kill_reports_again_after_restore(tm
 
     restored = _searcher(url)
     restored.restore(str(tmp_path / "state.pkl"))
+    assert "trial a: the Optuna study closed it (COMPLETE)" in capsys.readouterr().out
     # the restarted trial re-runs from its epoch-1 checkpoint and reports epoch 2 again
     restored.on_trial_result("a", _result(0.5, 2))
     restored.on_trial_complete("a", _result(0.5, 2))
@@ -62,7 +62,7 @@ def test_the_plain_searcher_fails_on_it(tmp_path):
     live.suggest("a")
     live.save(str(tmp_path / "state.pkl"))
     live.on_trial_complete("a", _result(0.5, 1))
-    plain = OptunaSearch(space={"lam": tune.uniform(0.0, 1.0)}, metric="score", mode="max",
+    plain = OptunaSearch(space=SPACE, metric="score", mode="max",
                          study_name="s", storage=optuna.storages.RDBStorage(url))
     plain.restore(str(tmp_path / "state.pkl"))
     with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
