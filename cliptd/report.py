@@ -15,7 +15,8 @@ inference (parameters and forward time per instance as ratios to ``none``, measu
 side at the end of each run), as Markdown and CSV, plus plots (accuracy against the shot
 level, gain over ``none`` on the shifted domain, accuracy against inference cost, and the
 headline: the paired map, each method − ``none`` seed by seed per condition, in-domain and
-shifted, with its sign count) and the seed runs' learning curves (``curves.png`` and
+shifted, with its sign count; when the sweep ran ``naive`` and ``cliptd``, also ``cliptd`` −
+``naive``, what the targeting adds over distilling every token) and the seed runs' learning curves (``curves.png`` and
 ``curves.csv``: per epoch, the score that ASHA and patience read and the task loss, so a run
 stopped by the epoch cap while still improving shows as one). The ``phase=search`` runs give
 the search's
@@ -61,7 +62,9 @@ GROUPS = (("in-domain", "id"), ("shifted", "shift"))
 FILES = {"md": "comparison.md", "csv": "comparison.csv", "paired_md": "paired.md",
          "paired_csv": "paired.csv", "time": "sweep_time.md", "shots": "accuracy_vs_shots.png",
          "gain": "gain_shifted.png", "search": "search.png", "cost": "accuracy_vs_cost.png",
-         "map": "paired_map.png", "curves": "curves.png", "curves_csv": "curves.csv"}
+         "map": "paired_map.png", "curves": "curves.png", "curves_csv": "curves.csv",
+         "targeting_md": "paired_cliptd_vs_naive.md",
+         "targeting_csv": "paired_cliptd_vs_naive.csv"}
 
 
 class ReportError(Exception):
@@ -722,6 +725,17 @@ def defaults_main(argv: list[str]) -> int:
     return 1 if differ else 0
 
 
+def targeting_rows(seeds: list[dict], task: str) -> list[dict]:
+    """``cliptd`` − ``naive`` paired by seed, when a sweep ran both: what the targeting
+    (selected tokens, dynamic weights, the schedule) adds over distilling every token
+    uniformly with the same teacher. Empty when either is missing."""
+    both = [r for r in seeds if r["method"] in ("naive", "cliptd")]
+    if {r["method"] for r in both} != {"naive", "cliptd"}:
+        return []
+    return paired_rows(both, {**metric_rows(task), **qtype_metrics(
+        both, PRIMARY_METRIC[task])}, reference="naive")
+
+
 def build(uri: str, task: str, experiment: str | None, sweep: str | None, out: Path,
           log_artifacts: bool = True) -> dict:
     import matplotlib
@@ -734,6 +748,7 @@ def build(uri: str, task: str, experiment: str | None, sweep: str | None, out: P
         got["seeds"], PRIMARY_METRIC[task])})
     md = to_markdown(rows)
     timing = sweep_time(got["client"], got["children"])
+    targeting = targeting_rows(got["seeds"], task)
     paths = {"md": atomic_write(out / FILES["md"], md),
              "time": atomic_write(out / FILES["time"], sweep_time_markdown(timing)),
              "csv": atomic_write(out / FILES["csv"], to_csv(rows)),
@@ -744,6 +759,10 @@ def build(uri: str, task: str, experiment: str | None, sweep: str | None, out: P
              "search": plot_search(got["search"], task, out / FILES["search"]),
              "cost": plot_accuracy_vs_cost(got["seeds"], task, out / FILES["cost"]),
              "map": plot_paired_map(paired, task, out / FILES["map"])}
+    if targeting:
+        paths["targeting_md"] = atomic_write(out / FILES["targeting_md"],
+                                             to_markdown(targeting))
+        paths["targeting_csv"] = atomic_write(out / FILES["targeting_csv"], to_csv(targeting))
     curves = learning_curves(got["client"], got["seeds"])
     paths["curves_csv"] = atomic_write(out / FILES["curves_csv"], to_csv(curves))
     paths["curves"] = plot_learning_curves(curves, task, out / FILES["curves"])
@@ -752,6 +771,7 @@ def build(uri: str, task: str, experiment: str | None, sweep: str | None, out: P
         for p in paths.values():
             got["client"].log_artifact(parent_id, str(p), artifact_path="report")
     return {**got, "rows": rows, "markdown": md, "paired": paired, "time": timing,
+            "targeting": targeting,
             "paired_markdown": to_markdown(paired), "paths": paths, "parent_id": parent_id}
 
 
@@ -812,6 +832,9 @@ def main(argv=None) -> int:
     print(res["markdown"])
     print("Paired by seed: method − none, points (mean ± std, seeds ahead / pairs)")
     print(res["paired_markdown"])
+    if res["targeting"]:
+        print("Paired by seed: cliptd − naive, what the targeting adds, points")
+        print(to_markdown(res["targeting"]))
     print("== Where the trial slots' time went ==")
     print(sweep_time_markdown(res["time"]))
     for p in res["paths"].values():

@@ -207,6 +207,21 @@ def test_paired_map_holds_the_paired_differences():
                                                      one["values"].ravel())
 
 
+def test_cliptd_against_naive_what_the_targeting_adds(ran, tmp_path):
+    """cliptd − naive paired by seed (the fixtures' methods differ by fixed offsets): +3.0
+    in-domain (0.05 − 0.02), +8.0 shifted (the smaller drop too), every seed ahead; a sweep
+    without naive writes no such table."""
+    with (ran["out"] / "paired_cliptd_vs_naive.csv").open() as f:
+        rows = {(r["condition"], r["metric"]): r for r in csv.DictReader(f)}
+    assert {r["reference"] for r in rows.values()} == {"naive"}
+    assert all("none" not in r for r in rows.values())
+    assert rows[("synthetic-shots0.05", "in-domain Q→A")]["cliptd"] == "+3.0 ± 0.0 (3/3)"
+    assert rows[("synthetic-shots1.0", "shifted Q→A")]["cliptd"] == "+8.0 ± 0.0 (3/3)"
+    seeds = [{"condition": "c", "method": m, "seed": s, "metrics": {"val/id/q_a": 0.5}}
+             for m in ("none", "cliptd") for s in (0, 1)]
+    assert report.targeting_rows(seeds, "vcr") == []
+
+
 def test_artifacts_on_parent(ran, store):
     c = store["client"]
     names = sorted(a.path for a in c.list_artifacts(store["parent"], "report"))
