@@ -545,12 +545,13 @@ def _primary_names(task: str) -> set[str]:
     return {_primary_label(task), PRIMARY_METRIC[task]}
 
 
-def read_paired(folder: Path) -> tuple[str, list[dict]]:
-    """A report folder's ``paired.csv`` → (its task, its rows with numbers as numbers). The
-    task is the one whose primary metric labels the rows (each task's are its own)."""
+def read_paired(folder: Path, name: str = FILES["paired_csv"]) -> tuple[str, list[dict]]:
+    """A report folder's ``paired.csv`` (or another paired table, ``name``) → (its task, its
+    rows with numbers as numbers). The task is the one whose primary metric labels the rows
+    (each task's are its own)."""
     import csv
 
-    path = Path(folder) / FILES["paired_csv"]
+    path = Path(folder) / name
     if not path.is_file():
         raise ReportError(f"{path}: no such file (a folder written by python -m cliptd.report "
                           "holds one)")
@@ -606,13 +607,16 @@ def _map_column(task: str, metric: str) -> tuple | None:
 def cell_map(folders: list[Path]) -> dict:
     """The map across sweeps (issue 19's headline): rows are the swept cells (task × shot
     level × preset, from each report folder's ``paired.csv``), columns each method − none on
-    the task's primary metric in-domain and shifted, then on each ``eval_words`` group; a
+    the task's primary metric in-domain and shifted, then on each ``eval_words`` group, and
+    last ``cliptd`` − ``naive`` (what the targeting adds) where a folder holds that table; a
     cell holds the mean paired difference in points and its label (std, seeds ahead / pairs)."""
     import numpy as np
 
     cells, rows, origin, reference = {}, {}, {}, {}
     for folder in folders:
         task, paired = read_paired(folder)
+        if (Path(folder) / FILES["targeting_csv"]).is_file():
+            paired = paired + read_paired(folder, FILES["targeting_csv"])[1]
         levels = _reference_levels(folder, task)
         for r in paired:
             kind = _map_column(task, r["metric"])
@@ -625,24 +629,28 @@ def cell_map(folders: list[Path]) -> dict:
                 raise ReportError(f"{origin[row]} and {folder} both hold the cell {row!r}")
             rows[row] = (TASKS.index(task), shots_key(shots), preset)
             reference[row] = levels.get(r["condition"], "")
+            ref = r.get("reference") or "none"
             for m in (k.removesuffix("_mean") for k in r if k.endswith("_mean")):
                 if isinstance(r[f"{m}_mean"], float):
-                    cells[(row, m, kind)] = r
-    methods = _in_method_order({m for _, m, _ in cells})
-    # per method: in-domain, shifted, then each words group (in-domain, shifted)
-    columns = sorted({(m, kind) for _, m, kind in cells},
-                     key=lambda c: (methods.index(c[0]), c[1][1] != "", c[1][1], c[1][0]))
+                    cells[(row, (m, ref), kind)] = r
+    methods = _in_method_order({m for _, (m, _), _ in cells})
+    # against none first, per method: in-domain, shifted, then each words group (in-domain,
+    # shifted); then the same against any other reference
+    columns = sorted({(pair, kind) for _, pair, kind in cells},
+                     key=lambda c: (c[0][1] != "none", c[0][1], methods.index(c[0][0]),
+                                    c[1][1] != "", c[1][1], c[1][0]))
     ordered = sorted(rows, key=rows.get)
     values = np.full((len(ordered), len(columns)), np.nan)
     labels = [["" for _ in columns] for _ in ordered]
     for i, row in enumerate(ordered):
-        for j, (m, kind) in enumerate(columns):
-            r = cells.get((row, m, kind))
+        for j, ((m, ref), kind) in enumerate(columns):
+            r = cells.get((row, (m, ref), kind))
             if r is not None:
                 values[i, j] = r[f"{m}_mean"]
                 labels[i][j] = f"{r[f'{m}_mean']:+.1f} ± {r[f'{m}_std']:.1f} " \
                                f"({r[f'{m}_ahead']}/{r[f'{m}_n']})"
-    names = [f"{m} − none\n{GROUPS[g][0]}" + (f"\n[{w}]" if w else "") for m, (g, w) in columns]
+    names = [f"{m} − {ref}\n{GROUPS[g][0]}" + (f"\n[{w}]" if w else "")
+             for (m, ref), (g, w) in columns]
     return {"rows": ordered, "columns": names, "values": values, "labels": labels,
             "reference": [reference[row] for row in ordered]}
 
@@ -667,7 +675,7 @@ def write_cell_map(folders: list[Path], out: Path) -> dict:
                                             for t in row] for row in m["labels"]],
                               m["columns"], [f"{row}\nnone {ref}" if ref else row for row, ref
                                              in zip(m["rows"], m["reference"], strict=True)],
-                              "Where CLIP-TD helps: each method − none "
+                              "Where CLIP-TD helps: each method − the column's reference, "
                               "paired by seed, points (mean, ± std, seeds ahead / pairs)",
                               out / MAP_FILES["png"])}
     return {**m, "markdown": md, "paths": paths}

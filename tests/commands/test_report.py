@@ -383,11 +383,15 @@ def test_map_across_sweeps(ran, tmp_path, capsys):
                          "snli_ve 5% (synthetic), acc"]
     assert m["columns"] == ["naive − none\nin-domain", "naive − none\nshifted",
                             "cliptd − none\nin-domain", "cliptd − none\nshifted",
-                            "cliptd − none\nin-domain\n[unseen]"]
+                            "cliptd − none\nin-domain\n[unseen]",
+                            # the vcr folder ran naive and cliptd: what the targeting adds
+                            "cliptd − naive\nin-domain", "cliptd − naive\nshifted"]
     nan = float("nan")
     # the fixtures' methods differ by fixed offsets in every seed (test_paired_map_...)
-    assert m["values"][0].tolist() == pytest.approx([2.0, 7.0, 5.0, 15.0, nan], nan_ok=True)
-    assert m["values"][2].tolist() == pytest.approx([nan, nan, 0.6, -0.3, -1.1], nan_ok=True)
+    assert m["values"][0].tolist() == pytest.approx([2.0, 7.0, 5.0, 15.0, nan, 3.0, 8.0],
+                                                    nan_ok=True)
+    assert m["values"][2].tolist() == pytest.approx([nan, nan, 0.6, -0.3, -1.1, nan, nan],
+                                                    nan_ok=True)
     assert m["labels"][0][2] == "+5.0 ± 0.0 (3/3)" and m["labels"][2][0] == ""
     md = (out / "map.md").read_text()
     assert "| snli_ve 5% (synthetic), acc |  |  |  | +0.6 ± 1.2 (3/5) | -0.3 ± 0.9 (2/5) | " \
