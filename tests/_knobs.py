@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from cliptd.core.config import DistillConfig
 
-PRE_SWEEP = dict(select_ratio_v=0.5, select_ratio_t=0.5, weight_norm="batch_mean", lam=1.0,
-                 schedule="constant", text_target="pooled", visual_layer="final")
+PRE_SWEEP = dict(select_ratio_v=0.5, select_ratio_t=0.5, weighting="confidence",
+                 weight_norm="batch_mean", lam=1.0, schedule="constant", distance="cosine",
+                 text_target="pooled", modalities="both", visual_layer="final",
+                 region_weighting="uniform")
 
 
 def knobs(**kw) -> DistillConfig:

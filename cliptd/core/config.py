@@ -43,11 +43,13 @@ class DistillConfig:
     method: str = "cliptd"
     select_by: str = "relevance"
     select_ratio_v: float = 0.65  # ρ for region tokens
-    select_ratio_t: float = 0.71  # ρ for text tokens
-    weighting: str = "confidence"
+    select_ratio_t: float = 0.73  # ρ for text tokens
+    # The sweeps split 3 threshold / 3 uniform / 2 confidence; a tie goes to the value
+    # CHOICES lists first (cliptd.sweep.defaults).
+    weighting: str = "threshold"
     # Confidence weights average well below 1 with a mediocre teacher, which silently
-    # shrinks λ; "batch_mean" rescales them to mean 1 so λ keeps its meaning. The sweeps
-    # split 4 / 4 on it, and a tie goes to the simpler setting (cliptd.sweep.defaults).
+    # shrinks λ; "batch_mean" rescales them to mean 1 so λ keeps its meaning. Five of the
+    # eight sweeps' best configs left them as they are.
     weight_norm: str = "none"
     lam: float = 0.23
     schedule: str = "cosine"
