@@ -44,14 +44,14 @@ class DistillConfig:
     select_by: str = "relevance"
     select_ratio_v: float = 0.65  # ρ for region tokens
     select_ratio_t: float = 0.73  # ρ for text tokens
-    # The sweeps split 3 threshold / 3 uniform / 2 confidence; a tie goes to the value
+    # The sweeps split 3 confidence / 3 uniform / 2 threshold; a tie goes to the value
     # CHOICES lists first (cliptd.sweep.defaults).
-    weighting: str = "threshold"
+    weighting: str = "confidence"
     # Confidence weights average well below 1 with a mediocre teacher, which silently
     # shrinks λ; "batch_mean" rescales them to mean 1 so λ keeps its meaning. Five of the
     # eight sweeps' best configs left them as they are.
     weight_norm: str = "none"
-    lam: float = 0.23
+    lam: float = 0.26
     schedule: str = "cosine"
     warmup_frac: float = 0.1  # for schedule=warmup: share of steps ramping λ up
     distance: str = "cosine"
