@@ -733,15 +733,14 @@ def defaults_main(argv: list[str]) -> int:
     return 1 if differ else 0
 
 
-def targeting_rows(seeds: list[dict], task: str) -> list[dict]:
-    """``cliptd`` − ``naive`` paired by seed, when a sweep ran both: what the targeting
-    (selected tokens, dynamic weights, the schedule) adds over distilling every token
-    uniformly with the same teacher. Empty when either is missing."""
+def targeting_rows(seeds: list[dict], metrics: dict[str, str]) -> list[dict]:
+    """``cliptd`` − ``naive`` paired by seed on ``metrics``, when a sweep ran both: what the
+    targeting (selected tokens, dynamic weights, the schedule) adds over distilling every
+    token uniformly with the same teacher. Empty when either is missing."""
     both = [r for r in seeds if r["method"] in ("naive", "cliptd")]
     if {r["method"] for r in both} != {"naive", "cliptd"}:
         return []
-    return paired_rows(both, {**metric_rows(task), **qtype_metrics(
-        both, PRIMARY_METRIC[task])}, reference="naive")
+    return paired_rows(both, metrics, reference="naive")
 
 
 def build(uri: str, task: str, experiment: str | None, sweep: str | None, out: Path,
@@ -752,11 +751,11 @@ def build(uri: str, task: str, experiment: str | None, sweep: str | None, out: P
     got = load_runs(uri, task, experiment, sweep)
     out.mkdir(parents=True, exist_ok=True)
     rows = comparison_rows(got["seeds"], metric_rows(task))
-    paired = paired_rows(got["seeds"], {**metric_rows(task), **qtype_metrics(
-        got["seeds"], PRIMARY_METRIC[task])})
+    metrics = {**metric_rows(task), **qtype_metrics(got["seeds"], PRIMARY_METRIC[task])}
+    paired = paired_rows(got["seeds"], metrics)
     md = to_markdown(rows)
     timing = sweep_time(got["client"], got["children"])
-    targeting = targeting_rows(got["seeds"], task)
+    targeting = targeting_rows(got["seeds"], metrics)
     paths = {"md": atomic_write(out / FILES["md"], md),
              "time": atomic_write(out / FILES["time"], sweep_time_markdown(timing)),
              "csv": atomic_write(out / FILES["csv"], to_csv(rows)),

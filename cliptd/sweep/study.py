@@ -12,9 +12,11 @@ every few seconds. A driver killed between the two leaves the study ahead of the
 - a trial the study already asked for is unknown to the restored searcher, so it would
   stay RUNNING in the study for ever (its Tune trial never existed as far as Tune knows).
 
-On restore the two are reconciled: the first is taken as told (a restarted trial re-runs
-exactly, from its checkpoint, so what it reports again is what the study already holds),
-the second is marked FAIL, as Optuna marks a trial whose worker vanished.
+On restore the two are reconciled: the first is taken as told, by adding it to the
+searcher's own set of completed trials, whose further results ``OptunaSearch`` already
+ignores (a restarted trial re-runs exactly, from its checkpoint, so what it reports again
+is what the study already holds); the second is marked FAIL, as Optuna marks a trial whose
+worker vanished.
 """
 
 from __future__ import annotations
@@ -49,14 +51,3 @@ class RestorableOptunaSearch(OptunaSearch):
                       "Tune: marked FAIL")
                 storage.set_trial_state_values(frozen._trial_id,
                                                state=optuna.trial.TrialState.FAIL)
-
-    def on_trial_result(self, trial_id: str, result: dict):
-        if trial_id in self._completed_trials:  # told before the restore: nothing to add
-            return
-        super().on_trial_result(trial_id, result)
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None,
-                          error: bool = False):
-        if trial_id in self._completed_trials:
-            return
-        super().on_trial_complete(trial_id, result, error)

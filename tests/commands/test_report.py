@@ -219,7 +219,7 @@ def test_cliptd_against_naive_what_the_targeting_adds(ran, tmp_path):
     assert rows[("synthetic-shots1.0", "shifted Q→A")]["cliptd"] == "+8.0 ± 0.0 (3/3)"
     seeds = [{"condition": "c", "method": m, "seed": s, "metrics": {"val/id/q_a": 0.5}}
              for m in ("none", "cliptd") for s in (0, 1)]
-    assert report.targeting_rows(seeds, "vcr") == []
+    assert report.targeting_rows(seeds, report.metric_rows("vcr")) == []
 
 
 def test_artifacts_on_parent(ran, store):
