@@ -20,8 +20,10 @@ shifted, with its sign count; when the sweep ran ``naive`` and ``cliptd``, also 
 ``curves.csv``: per epoch, the score that ASHA and patience read and the task loss, so a run
 stopped by the epoch cap while still improving shows as one). The ``phase=search`` runs give
 the search's
-view (metric against ``distill.select_ratio_v`` and ``distill.weighting``), and
-``sweep_time.md`` where the trial slots' time went (training steps, evaluation, set-up,
+view (metric against ``distill.select_ratio_v`` and ``distill.weighting``) and
+``search_margin.md``: how far each search's chosen trial stood above its runner-up, on one
+seed, beside the chosen config's spread over seeds (a margin inside that spread is a choice
+the search could not make); and ``sweep_time.md`` where the trial slots' time went (training steps, evaluation, set-up,
 the rest). Every file is also logged as an artifact of the sweep's parent run, under
 ``report/``.
 
@@ -46,6 +48,7 @@ from cliptd.core.invocation import prog
 from cliptd.tracking.slots import sweep_time, sweep_time_markdown
 from cliptd.tracking.table import (
     METHOD_ORDER,
+    aggregate,
     comparison_rows,
     paired_rows,
     qtype_metrics,
@@ -64,7 +67,8 @@ FILES = {"md": "comparison.md", "csv": "comparison.csv", "paired_md": "paired.md
          "gain": "gain_shifted.png", "search": "search.png", "cost": "accuracy_vs_cost.png",
          "map": "paired_map.png", "curves": "curves.png", "curves_csv": "curves.csv",
          "targeting_md": "paired_cliptd_vs_naive.md",
-         "targeting_csv": "paired_cliptd_vs_naive.csv"}
+         "targeting_csv": "paired_cliptd_vs_naive.csv", "margin_md": "search_margin.md",
+         "margin_csv": "search_margin.csv"}
 
 
 class ReportError(Exception):
@@ -131,6 +135,7 @@ def run_record(run) -> dict:
             "condition": t.get("condition") or f"{preset}-shots{shots}",
             "preset": preset, "shots": shots, "method": t.get("method", "?"),
             "seed": t.get("seed", ""), "phase": t.get("phase", ""),
+            "trial_id": t.get("cliptd.trial_id", ""),
             "compare": t.get("cliptd.compare") == "true" or t.get("phase") == "seeds",
             "start_ms": run.info.start_time,
             # run.data.metrics holds each metric's latest value (highest step = last epoch)
@@ -743,6 +748,80 @@ def targeting_rows(seeds: list[dict], metrics: dict[str, str]) -> list[dict]:
     return paired_rows(both, metrics, reference="naive")
 
 
+def chosen_trials(search: list[dict], parent_tags: dict) -> dict[tuple, str]:
+    """(condition, method) → the trial each search chose as its best: the sweep's parent
+    tag (``cliptd.sweep.records.best_tag``), else, for a sweep older than that tag, the
+    search trial tagged compared (a chosen trial that finished stands as seed 0)."""
+    prefix = "cliptd.best_trial."
+    out = {}
+    for r in search:
+        if r["compare"]:
+            out.setdefault((r["condition"], r["method"]), r["trial_id"])
+    for key, trial in parent_tags.items():
+        if key.startswith(prefix):  # the condition holds dots (shots0.05), the method none
+            condition, method = key[len(prefix):].rsplit(".", 1)
+            out[(condition, method)] = trial
+    return out
+
+
+def _knob(value: str) -> str:
+    try:
+        return f"{float(value):.3g}"
+    except ValueError:
+        return value
+
+
+MARGIN_COLUMNS = ("condition", "method", "trials", "finished", "chosen", "runner-up", "margin",
+                  "chosen config over seeds, std", "runner-up differs in")
+
+
+def search_margin_rows(search: list[dict], seeds: list[dict], chosen: dict[tuple, str],
+                       task: str) -> list[dict]:
+    """How far each search's chosen trial stood above its runner-up, beside the spread of
+    the chosen config over seeds. Every trial of a search trains on one seed (the base
+    seed), so a margin inside the chosen config's own spread across seeds says the search
+    could not tell the two configs apart: the choice was partly the seed's. The runner-up
+    is the best other finished trial, scored like the chosen on the whole eval split
+    (``cliptd.sweep.search.finished``); a trial ASHA stopped was scored on a sample,
+    mid-training, and is left out. ``runner-up differs in`` lists its knobs that differ."""
+    import numpy as np
+
+    from cliptd.sweep.search import finished
+
+    spread = aggregate(seeds, f"val/id/{PRIMARY_METRIC[task]}")
+    rows = []
+    for (condition, method), trial in sorted(chosen.items(), key=lambda kv: (
+            shots_key(kv[0][0].rsplit("shots", 1)[-1]), METHOD_ORDER.index(kv[0][1])
+            if kv[0][1] in METHOD_ORDER else 99)):
+        trials = [r for r in search if (r["condition"], r["method"]) == (condition, method)
+                  and "score" in r["metrics"] and not math.isnan(r["metrics"]["score"])]
+        best = next((r for r in trials if r["trial_id"] == trial), None)
+        if best is None:
+            continue
+        done = [r for r in trials if finished(r["metrics"], int(r["params"].get("epochs",
+                                                                                 10**9)))]
+        others = sorted((r for r in done if r is not best),
+                        key=lambda r: r["metrics"]["score"], reverse=True)
+        vals = spread.get((condition, method), [])
+        std = 100 * float(np.std(vals, ddof=1)) if len(vals) > 1 else float("nan")
+        row = {"condition": condition, "method": method, "trials": len(trials),
+               "finished": len(done), "chosen": f"{100 * best['metrics']['score']:.1f}",
+               "runner-up": "", "margin": "", "chosen config over seeds, std":
+                   f"{std:.1f} (n={len(vals)})" if vals else "", "runner-up differs in": ""}
+        row["margin_points"], row["seeds_std"] = float("nan"), std
+        if others:
+            up = others[0]
+            margin = 100 * (best["metrics"]["score"] - up["metrics"]["score"])
+            row.update({"runner-up": f"{100 * up['metrics']['score']:.1f}",
+                        "margin": f"{margin:+.1f}", "margin_points": margin,
+                        "runner-up differs in": ", ".join(
+                            f"{k.removeprefix('distill.')} {_knob(up['params'][k])}"
+                            for k in sorted(up["params"])
+                            if up["params"][k] != best["params"].get(k))})
+        rows.append(row)
+    return rows
+
+
 def build(uri: str, task: str, experiment: str | None, sweep: str | None, out: Path,
           log_artifacts: bool = True) -> dict:
     import matplotlib
@@ -770,6 +849,11 @@ def build(uri: str, task: str, experiment: str | None, sweep: str | None, out: P
         paths["targeting_md"] = atomic_write(out / FILES["targeting_md"],
                                              to_markdown(targeting))
         paths["targeting_csv"] = atomic_write(out / FILES["targeting_csv"], to_csv(targeting))
+    margins = search_margin_rows(got["search"], got["seeds"], chosen_trials(
+        got["search"], got["parent"].data.tags), task)
+    if margins:
+        paths["margin_md"] = atomic_write(out / FILES["margin_md"], to_markdown(margins, MARGIN_COLUMNS))
+        paths["margin_csv"] = atomic_write(out / FILES["margin_csv"], to_csv(margins))
     curves = learning_curves(got["client"], got["seeds"])
     paths["curves_csv"] = atomic_write(out / FILES["curves_csv"], to_csv(curves))
     paths["curves"] = plot_learning_curves(curves, task, out / FILES["curves"])
@@ -778,7 +862,7 @@ def build(uri: str, task: str, experiment: str | None, sweep: str | None, out: P
         for p in paths.values():
             got["client"].log_artifact(parent_id, str(p), artifact_path="report")
     return {**got, "rows": rows, "markdown": md, "paired": paired, "time": timing,
-            "targeting": targeting,
+            "targeting": targeting, "margins": margins,
             "paired_markdown": to_markdown(paired), "paths": paths, "parent_id": parent_id}
 
 
@@ -842,6 +926,10 @@ def main(argv=None) -> int:
     if res["targeting"]:
         print("Paired by seed: cliptd − naive, what the targeting adds, points")
         print(to_markdown(res["targeting"]))
+    if res["margins"]:
+        print("== Each search's choice: its margin over the runner-up (one seed) beside the "
+              "chosen config's spread over seeds, in-domain, points ==")
+        print(to_markdown(res["margins"], MARGIN_COLUMNS))
     print("== Where the trial slots' time went ==")
     print(sweep_time_markdown(res["time"]))
     for p in res["paths"].values():

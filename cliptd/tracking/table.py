@@ -149,16 +149,23 @@ def cost_rows(records: list[dict]) -> list[dict]:
     return rows
 
 
-def to_markdown(rows: list[dict]) -> str:
+def to_markdown(rows: list[dict], columns: tuple[str, ...] | None = None) -> str:
+    """A Markdown table: the comparison's layout (condition, metric, the methods, their
+    gains), or ``columns`` in that order."""
     if not rows:
         return "(no finished runs)\n"
+    if columns:
+        return _markdown(rows, list(columns))
     methods = [k for k in rows[0] if k not in ("condition", "metric", "reference")
                and not k.endswith(
         NUMERIC_SUFFIXES) and " vs " not in k]
     gains = sorted({k for r in rows for k in r if k.endswith(" vs none")},
                    key=lambda k: (METHOD_ORDER.index(m) if (m := k.split(" vs ")[0])
                                   in METHOD_ORDER else 99, k))
-    head = ["condition", "metric", *methods, *gains]
+    return _markdown(rows, ["condition", "metric", *methods, *gains])
+
+
+def _markdown(rows: list[dict], head: list[str]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join(str(r.get(h, "")) for h in head) + " |")

@@ -91,13 +91,21 @@ def store(tmp_path_factory):
     # a failed seeds run with absurd values: left out of the table
     _child(c, exp, parent, "vcr-test", "synthetic-shots0.05", "cliptd", 3, "seeds",
            status="FAILED", metrics=[report_metric("val/id/q_a", 0.0)])
-    search = [("none", "1.0", "uniform", 0.41), ("naive", "1.0", "uniform", 0.43),
-              ("cliptd", "0.4", "confidence", 0.47), ("cliptd", "0.7", "threshold", 0.45),
-              ("cliptd", "0.9", "uniform", 0.44)]
-    for i, (method, ratio, weighting, v) in enumerate(search):
-        _child(c, exp, parent, "vcr-test", "synthetic-shots0.05", method, i, "search",
-               params={"distill.select_ratio_v": ratio, "distill.weighting": weighting},
-               metrics=[report_metric("val/id/q_a", v)])
+    # search trials of 3 epochs: the last cliptd one ASHA stopped after 1 (its sample score
+    # the highest, not comparable), the one before patience ended (a finished runner-up)
+    search = [("none", "1.0", "uniform", 0.41, 3, 0), ("naive", "1.0", "uniform", 0.43, 3, 0),
+              ("cliptd", "0.4", "confidence", 0.47, 3, 0),
+              ("cliptd", "0.7", "threshold", 0.45, 2, 1),
+              ("cliptd", "0.9", "uniform", 0.44, 3, 0), ("cliptd", "0.2", "uniform", 0.49, 1, 0)]
+    for i, (method, ratio, weighting, v, epoch, stopped) in enumerate(search):
+        _child(c, exp, parent, "vcr-test", "synthetic-shots0.05", method, 10 + i, "search",
+               params={"distill.select_ratio_v": ratio, "distill.weighting": weighting,
+                       "epochs": "3"},
+               metrics=[report_metric("val/id/q_a", v), report_metric("score", v),
+                        report_metric("epoch", epoch),
+                        report_metric("train/stopped_early", stopped)])
+    c.set_tag(parent, "cliptd.best_trial.synthetic-shots0.05.cliptd",
+              "vcr-test/synthetic-shots0.05-cliptd-search-12")
     # an experiment with a sweep but no seeds runs, and one with no sweep at all
     e2 = c.create_experiment("cliptd-empty", artifact_location=(tmp / "a2").as_uri())
     p2 = c.create_run(e2, tags={"cliptd.kind": "sweep", "cliptd.sweep_id": "s"}).info.run_id
@@ -220,6 +228,28 @@ def test_cliptd_against_naive_what_the_targeting_adds(ran, tmp_path):
     seeds = [{"condition": "c", "method": m, "seed": s, "metrics": {"val/id/q_a": 0.5}}
              for m in ("none", "cliptd") for s in (0, 1)]
     assert report.targeting_rows(seeds, report.metric_rows("vcr")) == []
+
+
+def test_search_margin_against_the_seeds_spread(ran):
+    """Each search's chosen trial against its best other finished trial: for cliptd at 5 %
+    the parent tag's choice (47.0) over the patience-ended runner-up (45.0), not over the
+    ASHA-stopped trial's higher sample score; beside it the chosen config's std over seeds
+    (0.44, 0.45, 0.47). Searches older than the tag fall back to the compared search run."""
+    with (ran["out"] / "search_margin.csv").open() as f:
+        rows = {(r["condition"], r["method"]): r for r in csv.DictReader(f)}
+    row = rows[("synthetic-shots0.05", "cliptd")]
+    assert (row["chosen"], row["runner-up"], row["margin"]) == ("47.0", "45.0", "+2.0")
+    assert (row["trials"], row["finished"]) == ("5", "3")  # 4 searched + the compared seed 0
+    assert row["runner-up differs in"] == "select_ratio_v 0.7, weighting threshold"
+    std = statistics.stdev(100 * final("synthetic-shots0.05", "cliptd", s) for s in SEED_OFFSET)
+    assert row["chosen config over seeds, std"] == f"{std:.1f} (n=3)"
+    # none at 5 % had no tag: its compared search run (seed 0) is the chosen; it has no
+    # epoch count, so only the other trial finished, the runner-up
+    none = rows[("synthetic-shots0.05", "none")]
+    assert none["chosen"] == f"{100 * final('synthetic-shots0.05', 'none', 0):.1f}" == "39.0"
+    assert (none["runner-up"], none["margin"], none["finished"]) == ("41.0", "-2.0", "1")
+    assert "| synthetic-shots0.05 | cliptd | 5 | 3 | 47.0 | 45.0 | +2.0 |" in (
+        ran["out"] / "search_margin.md").read_text()
 
 
 def test_artifacts_on_parent(ran, store):
