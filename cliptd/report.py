@@ -28,7 +28,8 @@ the rest). Every file is also logged as an artifact of the sweep's parent run, u
 ``report/``.
 
 Across sweeps: ``map`` draws every swept cell (the ``paired.csv`` of several report
-folders, any tasks) as one paired map, issue 19's headline; ``defaults`` shows how
+folders, any tasks) as one paired map, issue 19's headline, and gathers their searches'
+margins; ``defaults`` shows how
 ``cliptd``'s default knobs follow from the sweeps' best configs (``cliptd.sweep.defaults``).
 """
 
@@ -537,7 +538,8 @@ def plot_search(records, task: str, path: Path) -> Path:
 # --------------------------------------------------------------------------------------
 # Across sweeps: the map of every swept cell, and cliptd's defaults from their best configs
 
-MAP_FILES = {"png": "map.png", "md": "map.md", "csv": "map.csv"}
+MAP_FILES = {"png": "map.png", "md": "map.md", "csv": "map.csv",
+             "margin_md": "search_margin.md", "margin_csv": "search_margin.csv"}
 
 
 def _primary_label(task: str) -> str:
@@ -660,6 +662,41 @@ def cell_map(folders: list[Path]) -> dict:
             "reference": [reference[row] for row in ordered]}
 
 
+def cell_margins(folders: list[Path]) -> list[dict]:
+    """Every cell's searches, each chosen trial's margin over its runner-up beside the
+    chosen config's spread over seeds (the folders' ``search_margin.csv``; a folder written
+    before the report made that table has none), in the map's row order."""
+    import csv
+
+    rows = []
+    for folder in folders:
+        path = Path(folder) / FILES["margin_csv"]
+        if not path.is_file():
+            continue
+        task = read_paired(folder)[0]
+        with path.open(newline="", encoding="utf-8") as f:
+            for r in csv.DictReader(f):
+                preset, _, shots = r["condition"].rpartition("-shots")
+                order = (TASKS.index(task), shots_key(shots), preset,
+                         METHOD_ORDER.index(r["method"]) if r["method"] in METHOD_ORDER
+                         else 99)
+                rows.append((order, {"cell": f"{task} {shots_label(shots)}" + (
+                    f" ({preset})" if preset else ""), **{k: r.get(k, "") for k in
+                                                         MARGIN_COLUMNS[1:]},
+                    "margin_points": r.get("margin_points", ""),
+                    "seeds_std": r.get("seeds_std", "")}))
+    return [r for _, r in sorted(rows, key=lambda x: x[0])]
+
+
+def inside_spread(margins: list[dict]) -> tuple[int, int]:
+    """(searches whose margin over the runner-up is smaller than the chosen config's std
+    over seeds, searches with both figures)."""
+    pairs = [(float(r["margin_points"]), float(r["seeds_std"])) for r in margins
+             if r.get("margin_points") not in ("", None) and r.get("seeds_std") not in ("", None)]
+    pairs = [(m, sd) for m, sd in pairs if not (math.isnan(m) or math.isnan(sd))]
+    return sum(m < sd for m, sd in pairs), len(pairs)
+
+
 def write_cell_map(folders: list[Path], out: Path) -> dict:
     """The map as a heat map, Markdown and CSV under ``out``."""
     import matplotlib
@@ -683,14 +720,21 @@ def write_cell_map(folders: list[Path], out: Path) -> dict:
                               "Where CLIP-TD helps: each method − the column's reference, "
                               "paired by seed, points (mean, ± std, seeds ahead / pairs)",
                               out / MAP_FILES["png"])}
-    return {**m, "markdown": md, "paths": paths}
+    margins = cell_margins(folders)
+    if margins:
+        columns = ("cell", *MARGIN_COLUMNS[1:])
+        paths["margin_md"] = atomic_write(out / MAP_FILES["margin_md"],
+                                          to_markdown(margins, columns))
+        paths["margin_csv"] = atomic_write(out / MAP_FILES["margin_csv"], to_csv(margins))
+    return {**m, "markdown": md, "paths": paths, "margins": margins}
 
 
 def map_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog=f"{prog('cliptd.report')} map",
         description="The map of every swept cell: each method − none paired by seed, from "
-        "the paired.csv of report folders (python -m cliptd.report --out FOLDER).")
+        "the paired.csv of report folders (python -m cliptd.report --out FOLDER); with "
+        "every cell's search margins (search_margin.md) where the folders hold them.")
     parser.add_argument("folders", nargs="+", type=Path, help="report folders")
     parser.add_argument("--out", type=Path, default=Path("runs") / "report-map",
                         help="output folder (default runs/report-map)")
@@ -701,6 +745,10 @@ def map_main(argv: list[str]) -> int:
         print(f"cliptd: error: {exc}", file=sys.stderr)
         return 2
     print(res["markdown"])
+    if res["margins"]:
+        inside, n = inside_spread(res["margins"])
+        print(f"{inside} of {n} searches chose their best by a margin (one seed) smaller than "
+              f"the chosen config's std over seeds ({MAP_FILES['margin_md']})")
     for p in res["paths"].values():
         print(f"wrote {p}")
     return 0

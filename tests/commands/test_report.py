@@ -429,10 +429,26 @@ def test_map_across_sweeps(ran, tmp_path, capsys):
     # what the differences are differences from: none's level, from comparison.csv
     assert m["reference"] == [" / ".join(f"{expected(cond, 'none', g)[0]:.1f}"
                                          for g in ("id", "shift")) for cond in CONDITIONS] + [""]
-    assert md in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert md in printed
     with Image.open(out / "map.png") as im:
         im.verify()
-    assert sorted(p.name for p in out.iterdir()) == ["map.csv", "map.md", "map.png"]
+    # the vcr folder's search margins (the snli one, older, has none), in the map's order.
+    # At 5 % none's and naive's chosen trials are 2.0 behind a runner-up, cliptd's 2.0
+    # ahead, against a spread over seeds of 1.5 each: 2 of the 3 chose inside the spread;
+    # at 100 % no search has a finished runner-up, so no margin to count
+    assert [(r["cell"], r["method"]) for r in m_rows(out)] == [
+        (f"vcr {shots} (synthetic)", m) for shots in ("5%", "full") for m in METHODS]
+    assert "| vcr 5% (synthetic) | cliptd | 5 | 3 | 47.0 | 45.0 | +2.0 |" in (
+        out / "search_margin.md").read_text()
+    assert "2 of 3 searches chose their best by a margin (one seed) smaller than" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["map.csv", "map.md", "map.png",
+                                                     "search_margin.csv", "search_margin.md"]
+
+
+def m_rows(out):
+    with (out / "search_margin.csv").open() as f:
+        return list(csv.DictReader(f))
 
 
 def test_map_refuses_what_it_cannot_place(ran, tmp_path, capsys):
