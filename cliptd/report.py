@@ -23,8 +23,8 @@ the search's
 view (metric against ``distill.select_ratio_v`` and ``distill.weighting``) and
 ``search_margin.md``: how far each search's chosen trial stood above its runner-up, on one
 seed, beside the chosen config's spread over seeds (a margin inside that spread is a choice
-the search could not make); and ``sweep_time.md`` where the trial slots' time went (training steps, evaluation, set-up,
-the rest). Every file is also logged as an artifact of the sweep's parent run, under
+the search could not make); ``sweep_time.md`` says where the trial slots' time went
+(training steps, evaluation, set-up, the rest). Every file is also logged as an artifact of the sweep's parent run, under
 ``report/``.
 
 Across sweeps: ``map`` draws every swept cell (the ``paired.csv`` of several report
@@ -70,6 +70,11 @@ FILES = {"md": "comparison.md", "csv": "comparison.csv", "paired_md": "paired.md
          "targeting_md": "paired_cliptd_vs_naive.md",
          "targeting_csv": "paired_cliptd_vs_naive.csv", "margin_md": "search_margin.md",
          "margin_csv": "search_margin.csv"}
+
+
+# search_margin.md's columns, in order (its CSV adds margin_points and seeds_std as numbers)
+MARGIN_COLUMNS = ("condition", "method", "trials", "finished", "chosen", "runner-up", "margin",
+                  "chosen config over seeds, std", "runner-up differs in")
 
 
 class ReportError(Exception):
@@ -800,7 +805,9 @@ def chosen_trials(search: list[dict], parent_tags: dict) -> dict[tuple, str]:
     """(condition, method) → the trial each search chose as its best: the sweep's parent
     tag (``cliptd.sweep.records.best_tag``), else, for a sweep older than that tag, the
     search trial tagged compared (a chosen trial that finished stands as seed 0)."""
-    prefix = "cliptd.best_trial."
+    from cliptd.sweep.records import BEST_TAG
+
+    prefix = f"{BEST_TAG}."
     out = {}
     for r in search:
         if r["compare"]:
@@ -819,10 +826,6 @@ def _knob(value: str) -> str:
         return value
 
 
-MARGIN_COLUMNS = ("condition", "method", "trials", "finished", "chosen", "runner-up", "margin",
-                  "chosen config over seeds, std", "runner-up differs in")
-
-
 def search_margin_rows(search: list[dict], seeds: list[dict], chosen: dict[tuple, str],
                        task: str) -> list[dict]:
     """How far each search's chosen trial stood above its runner-up, beside the spread of
@@ -838,9 +841,12 @@ def search_margin_rows(search: list[dict], seeds: list[dict], chosen: dict[tuple
 
     spread = aggregate(seeds, f"val/id/{PRIMARY_METRIC[task]}")
     rows = []
-    for (condition, method), trial in sorted(chosen.items(), key=lambda kv: (
-            shots_key(kv[0][0].rsplit("shots", 1)[-1]), METHOD_ORDER.index(kv[0][1])
-            if kv[0][1] in METHOD_ORDER else 99)):
+    def order(item):
+        (condition, method), _ = item
+        return (shots_key(condition.rpartition("-shots")[2]),
+                METHOD_ORDER.index(method) if method in METHOD_ORDER else 99)
+
+    for (condition, method), trial in sorted(chosen.items(), key=order):
         trials = [r for r in search if (r["condition"], r["method"]) == (condition, method)
                   and "score" in r["metrics"] and not math.isnan(r["metrics"]["score"])]
         best = next((r for r in trials if r["trial_id"] == trial), None)
@@ -900,7 +906,8 @@ def build(uri: str, task: str, experiment: str | None, sweep: str | None, out: P
     margins = search_margin_rows(got["search"], got["seeds"], chosen_trials(
         got["search"], got["parent"].data.tags), task)
     if margins:
-        paths["margin_md"] = atomic_write(out / FILES["margin_md"], to_markdown(margins, MARGIN_COLUMNS))
+        paths["margin_md"] = atomic_write(out / FILES["margin_md"],
+                                          to_markdown(margins, MARGIN_COLUMNS))
         paths["margin_csv"] = atomic_write(out / FILES["margin_csv"], to_csv(margins))
     curves = learning_curves(got["client"], got["seeds"])
     paths["curves_csv"] = atomic_write(out / FILES["curves_csv"], to_csv(curves))

@@ -105,9 +105,13 @@ def mark_compared(meta: dict, record: dict) -> None:
     tracking.patiently(tag, f"tagging trial {record['trial_id']} as compared")
 
 
+# the sweep's parent-run tags keeping each search's choice: BEST_TAG.<condition>.<method>
+BEST_TAG = "cliptd.best_trial"
+
+
 def best_tag(meta: dict) -> str:
     """The sweep's parent-run tag that keeps which trial a search chose as its best."""
-    return f"cliptd.best_trial.{meta['condition']}.{meta['method']}"
+    return f"{BEST_TAG}.{meta['condition']}.{meta['method']}"
 
 
 def kept_best(meta: dict) -> str | None:
