@@ -12,19 +12,13 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 from cliptd.tracking import slots  # noqa: E402
 
 
-def test_sweep_time_from_the_trials_reports(tmp_path):
-    """Where the slots' time went: each trial from its run's start to its last report, the
-    slots the most trials at once, its parts what the trials reported per epoch."""
+def _trials(c, trials, tmp_path):
+    """One MLflow run per trial, ``trials``: (start s, [(report s, train s, eval s, setup s
+    or None)]), times from a fixed origin; returns the runs as ``sweep_time`` takes them."""
     from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
 
-    c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
     exp = c.create_experiment("t", artifact_location=(tmp_path / "a").as_uri())
     t0 = 1_800_000_000_000  # ms
-    # (start s, [(report s, train s, eval s, setup s or None)])
-    trials = [(0, [(10, 6.0, 2.0, 1.0), (20, 7.0, 2.0, None)]),
-              (0, [(15, 10.0, 3.0, 1.5)]),
-              (16, [(30, 9.0, 2.0, 0.5)])]
     runs = []
     for start, reports in trials:
         rid = c.create_run(exp, start_time=t0 + 1000 * start).info.run_id
@@ -35,6 +29,20 @@ def test_sweep_time_from_the_trials_reports(tmp_path):
             metrics += [Metric("time/setup_s", setup, ts, ep)] if setup is not None else []
         c.log_batch(rid, metrics=metrics)
         runs.append({"run_id": rid, "start_ms": t0 + 1000 * start})
+    return runs
+
+
+def test_sweep_time_from_the_trials_reports(tmp_path):
+    """Where the slots' time went: each trial from its run's start to its last report, the
+    slots the most trials at once, its parts what the trials reported per epoch."""
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    # (start s, [(report s, train s, eval s, setup s or None)])
+    trials = [(0, [(10, 6.0, 2.0, 1.0), (20, 7.0, 2.0, None)]),
+              (0, [(15, 10.0, 3.0, 1.5)]),
+              (16, [(30, 9.0, 2.0, 0.5)])]
+    runs = _trials(c, trials, tmp_path)
     t = slots.sweep_time(c, runs)
     assert (t["trials"], t["slots"], t["wall_s"], t["slot_s"]) == (3, 2, 30.0, 60.0)
     assert (t["train_s"], t["eval_s"], t["setup_s"]) == (32.0, 9.0, 3.0)
@@ -53,27 +61,15 @@ def test_a_stopped_and_resumed_sweep(tmp_path):
     reports at 1,035 s, so it ran from 1,023 s; the 975 s with no trial running are left
     out of the wall time, and the sweep held 2 slots, not the 4 that long spans over the
     stop would have made it."""
-    from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
     c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
-    exp = c.create_experiment("t", artifact_location=(tmp_path / "a").as_uri())
-    t0 = 1_800_000_000_000
     # (start s, [(report s, train s, eval s, setup s or None)])
     trials = [(0, [(10, 6.0, 2.0, 1.0), (20, 7.0, 2.0, None),
                    (1012, 7.0, 2.0, 1.0), (1020, 7.0, 1.0, None)]),
               (5, [(25, 15.0, 2.0, 1.0)]),
               (1000, [(1030, 25.0, 2.0, 1.0)]), (24, [(1035, 10.0, 1.0, 1.0)])]
-    runs = []
-    for start, reports in trials:
-        rid = c.create_run(exp, start_time=t0 + 1000 * start).info.run_id
-        metrics = []
-        for ep, (at, train, ev, setup) in enumerate(reports):
-            ts = t0 + 1000 * at
-            metrics += [Metric("train/seconds", train, ts, ep), Metric("time/eval_s", ev, ts, ep)]
-            metrics += [Metric("time/setup_s", setup, ts, ep)] if setup is not None else []
-        c.log_batch(rid, metrics=metrics)
-        runs.append({"run_id": rid, "start_ms": t0 + 1000 * start})
+    runs = _trials(c, trials, tmp_path)
     assert slots.trial_spans(0.0, {10.0: 9.0, 20.0: 9.0, 1012.0: 10.0, 1020.0: 8.0},
                              [10.0, 1012.0]) == [(0.0, 20.0), (1002.0, 1020.0)]
     assert slots.trial_spans(24.0, {1035.0: 12.0}, [1035.0]) == [(1023.0, 1035.0)]
