@@ -714,8 +714,7 @@ def write_cell_map(folders: list[Path], out: Path) -> dict:
     table = [dict(zip(head, [row, ref, *(v or "" for v in labels)], strict=True))
              for row, ref, labels in zip(m["rows"], m["reference"], m["labels"], strict=True)]
     out.mkdir(parents=True, exist_ok=True)
-    md = "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n" + "".join(
-        "| " + " | ".join(r[h] for h in head) + " |\n" for r in table)
+    md = to_markdown(table, tuple(head))
     paths = {"md": atomic_write(out / MAP_FILES["md"], md),
              "csv": atomic_write(out / MAP_FILES["csv"], to_csv(table)),
              "png": _draw_map(m["values"], [[t.replace(" ± ", "\n± ").replace(" (", "\n(")
